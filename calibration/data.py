@@ -1,0 +1,178 @@
+"""Token windows for calibration and evaluation: from a text/jsonl file or sampled from the model itself.
+
+Protocol (shared/data/README.md): non-overlapping windows of `seq_len` tokens; when calibration and evaluation
+come from the same source, evaluation takes the FIRST windows and calibration the LAST ones, never overlapping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from calibration import CalibrationError
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"
+
+# Varied openings so the sampled text covers prose, code, dialogue, lists and numbers.
+SYNTHETIC_PROMPTS = (
+    "The history of the city begins",
+    "def parse_config(path):\n",
+    "User: Can you explain how vaccines work?\nAssistant:",
+    "Ingredients:\n1.",
+    "In 1887, the expedition",
+    "The theorem states that for every integer n",
+    "Dear hiring manager,",
+    "BREAKING NEWS:",
+    "Once upon a time, in a village by the sea,",
+    "SELECT name, count(*) FROM",
+    "The patient presented with",
+    "Chapter 1\n\n",
+    "Q: What is the capital of Australia?\nA:",
+    "The stock market closed",
+    "To install the package, run",
+    "Photosynthesis is the process",
+)
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    calibration: np.ndarray  # int64 [n_calib, seq_len]
+    evaluation: np.ndarray  # int64 [n_eval, seq_len]
+    calibration_origin: str
+    evaluation_origin: str
+
+    def digest(self) -> str:
+        return windows_digest(self.calibration, self.evaluation)
+
+
+def windows_digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def read_text(path: Path) -> str:
+    """Read a .txt file or the "text" fields of a .jsonl file, refusing binary or non-UTF-8 content."""
+    if not path.is_file():
+        raise CalibrationError(f"calibration file '{path}' does not exist: pass an existing .txt/.jsonl file or 'synthetic'")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise CalibrationError(f"calibration file '{path}' looks binary (NUL bytes): pass UTF-8 text or .jsonl")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"calibration file '{path}' is not UTF-8 (byte {e.start}): re-encode it as UTF-8") from None
+    if path.suffix == ".jsonl":
+        text = _jsonl_text(path, text)
+    if not text.strip():
+        raise CalibrationError(f"calibration file '{path}' is empty: pass a file with text in it")
+    return text
+
+
+def _jsonl_text(path: Path, text: str) -> str:
+    parts = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise CalibrationError(f"{path}:{lineno}: not valid JSON: each line must be an object with a 'text' field") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CalibrationError(f"{path}:{lineno}: missing string field 'text': each line must be {{\"text\": ...}}")
+        parts.append(record["text"])
+    return "\n\n".join(parts)
+
+
+def cut_windows(token_ids: list[int] | np.ndarray, seq_len: int) -> np.ndarray:
+    ids = np.asarray(token_ids, dtype=np.int64)
+    n = len(ids) // seq_len
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def file_windows(tokenizer, path: Path, seq_len: int) -> np.ndarray:
+    # No special tokens: windows are plain slices of the running text, as in the perplexity protocol.
+    ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
+    return cut_windows(ids, seq_len)
+
+
+def split_same_source(windows: np.ndarray, n_calib: int, n_eval: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluation from the start, calibration from the end, never overlapping."""
+    if len(windows) < n_calib + n_eval:
+        raise CalibrationError(
+            f"'{source}' has {len(windows)} windows of the requested length but {n_calib} calibration + {n_eval} "
+            f"evaluation windows were asked for: use a longer text or lower CALIB_WINDOWS/EVAL_WINDOWS/SEQ_LEN"
+        )
+    return windows[len(windows) - n_calib :], windows[:n_eval]
+
+
+def take_windows(windows: np.ndarray, n: int, source: str, role: str) -> np.ndarray:
+    if len(windows) < n:
+        raise CalibrationError(
+            f"'{source}' has {len(windows)} windows of the requested length but {n} {role} windows were asked for: "
+            "use a longer text or fewer/shorter windows"
+        )
+    return windows[:n]
+
+
+@torch.no_grad()
+def synthetic_windows(model, tokenizer, n: int, seq_len: int, seed: int, batch_size: int = 16) -> np.ndarray:
+    """Sample n windows of seq_len tokens from the model itself (temperature 1, top-p 0.95), prompt i % 16."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    torch.manual_seed(seed)
+    rows = []
+    for start in tqdm(range(0, n, batch_size), desc="sampling synthetic calibration text", unit="batch"):
+        prompts = [SYNTHETIC_PROMPTS[i % len(SYNTHETIC_PROMPTS)] for i in range(start, min(n, start + batch_size))]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=1.0,
+            top_p=0.95,
+            top_k=0,
+            max_new_tokens=seq_len,
+            min_new_tokens=seq_len,  # no early EOS: every window gets seq_len real tokens
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        prompt_len = enc["input_ids"].shape[1]
+        for row, mask in zip(out, enc["attention_mask"]):
+            prompt = row[:prompt_len][mask.bool()]
+            rows.append(torch.cat([prompt, row[prompt_len:]])[:seq_len].numpy())
+    return np.stack(rows).astype(np.int64)
+
+
+def build_windows(model, tokenizer, calib_source: str, eval_source: str | None, n_calib: int, n_eval: int,
+                  seq_len: int, seed: int) -> TokenWindows:
+    same_file = (eval_source is not None and calib_source != SYNTHETIC
+                 and Path(eval_source).resolve() == Path(calib_source).resolve())
+    if calib_source == SYNTHETIC:
+        n_sampled = n_calib + (n_eval if eval_source is None else 0)
+        sampled = synthetic_windows(model, tokenizer, n_sampled, seq_len, seed)
+        calib = sampled[:n_calib]
+        calib_origin = f"synthetic: {n_calib} windows sampled from the model, seed {seed}"
+        if eval_source is None:
+            return TokenWindows(calib, sampled[n_calib:], calib_origin,
+                                f"synthetic: {n_eval} further samples, held out from calibration")
+    else:
+        windows = file_windows(tokenizer, Path(calib_source), seq_len)
+        if eval_source is None or same_file:
+            calib, evaluation = split_same_source(windows, n_calib, n_eval, calib_source)
+            return TokenWindows(calib, evaluation, f"{calib_source}: last {n_calib} windows",
+                                f"{calib_source}: first {n_eval} windows, held out from calibration")
+        calib = take_windows(windows[::-1], n_calib, calib_source, "calibration")[::-1]
+        calib_origin = f"{calib_source}: last {n_calib} windows"
+    evaluation = take_windows(file_windows(tokenizer, Path(eval_source), seq_len), n_eval, eval_source, "evaluation")
+    return TokenWindows(np.ascontiguousarray(calib), evaluation, calib_origin, f"{eval_source}: first {n_eval} windows")

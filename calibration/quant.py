@@ -1,0 +1,147 @@
+"""The W8A8 recipe TensorRT can execute: INT8 symmetric weights per output channel, INT8 symmetric per-tensor
+static activations (TensorRT explicit quantization allows per-channel scales only on constant weights).
+
+Also the PyTorch fake-quant simulation of exactly that recipe, used to check the exported graph is faithful.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from calibration import CalibrationError
+
+QMAX = 127  # symmetric: scales map absmax to 127, so -128 is never produced by the weights
+QMIN_ACT = -128  # ONNX QuantizeLinear saturates to [-128, 127]; the simulation must do the same
+
+
+@torch.no_grad()
+def weight_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel scale of a [out, in] weight. An all-zero row gets scale 1 (any positive value is exact)."""
+    absmax = weight.float().abs().amax(dim=1)
+    return torch.where(absmax > 0, absmax / QMAX, torch.ones_like(absmax))
+
+
+@torch.no_grad()
+def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(weight.float() / scales[:, None]), -QMAX, QMAX).to(torch.int8)
+
+
+def activation_scale(absmax: float) -> float:
+    if not absmax > 0:
+        return 1.0
+    return float(absmax) / QMAX
+
+
+def fake_quant_activation(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Q then DQ, as ONNX QuantizeLinear/DequantizeLinear compute it (round half to even, saturate)."""
+    return torch.clamp(torch.round(x / scale), QMIN_ACT, QMAX) * scale
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    name: str
+    status: str  # "quantized" | "skipped" | "float"
+    reason: str
+    smoothed: bool
+    alpha: float | None
+    input_absmax: float | None = None  # after smoothing
+    input_scale: float | None = None
+    weight_scale_min: float | None = None
+    weight_scale_max: float | None = None
+    smoothing_factor_max: float | None = None
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    recipe: str
+    alpha: float
+    modules: tuple[ModuleEntry, ...] = field(default_factory=tuple)
+
+    def quantized(self) -> list[ModuleEntry]:
+        return [m for m in self.modules if m.status == "quantized"]
+
+    def to_json(self) -> dict:
+        return {"recipe": self.recipe, "alpha": self.alpha, "modules": [asdict(m) for m in self.modules]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "QuantPlan":
+        return cls(data["recipe"], data["alpha"], tuple(ModuleEntry(**m) for m in data["modules"]))
+
+
+def select_modules(names: list[str], include: tuple[str, ...], skip: tuple[str, ...]) -> dict[str, str]:
+    """Name -> reason it is skipped ('' when quantized). A pattern that matches nothing is an error."""
+    for label, patterns in (("--include", include), ("--skip", skip)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise CalibrationError(
+                    f"{label} pattern '{pattern}' matches no quantizable module (e.g. {names[0]}): fix the pattern"
+                )
+    reasons = {}
+    for n in names:
+        if include and not any(fnmatch.fnmatchcase(n, p) for p in include):
+            reasons[n] = "not matched by --include"
+        elif any(fnmatch.fnmatchcase(n, p) for p in skip):
+            reasons[n] = "matched by --skip"
+        else:
+            reasons[n] = ""
+    return reasons
+
+
+def build_plan(linears: dict[str, torch.nn.Linear], smoothed_absmax: dict[str, torch.Tensor],
+               input_factors: dict[str, torch.Tensor], alpha: float, include: tuple[str, ...],
+               skip: tuple[str, ...], float_modules: tuple[str, ...]) -> QuantPlan:
+    """`linears` hold smoothed weights; `smoothed_absmax` the input absmax divided by the smoothing factors."""
+    reasons = select_modules(list(linears), include, skip)
+    entries = []
+    for name, linear in linears.items():
+        smoothed = name in input_factors
+        common = dict(name=name, smoothed=smoothed, alpha=alpha if smoothed else None,
+                      smoothing_factor_max=float(input_factors[name].max()) if smoothed else None)
+        if reasons[name]:
+            entries.append(ModuleEntry(status="skipped", reason=reasons[name], **common))
+            continue
+        absmax = float(smoothed_absmax[name].max())
+        w_scales = weight_scales(linear.weight)
+        entries.append(ModuleEntry(
+            status="quantized", reason="", input_absmax=absmax, input_scale=activation_scale(absmax),
+            weight_scale_min=float(w_scales.min()), weight_scale_max=float(w_scales.max()), **common))
+    for name in float_modules:
+        entries.append(ModuleEntry(name=name, status="float", reason="kept float by default", smoothed=False, alpha=None))
+    return QuantPlan(recipe="w8a8: int8 per-channel weights, int8 per-tensor static activations", alpha=alpha,
+                     modules=tuple(entries))
+
+
+class FakeQuantLinear(torch.nn.Module):
+    """A Linear computing DQ(Q(x)) @ DQ(W_int8)^T, the arithmetic of the exported Q/DQ MatMul."""
+
+    def __init__(self, linear: torch.nn.Linear, input_scale: float):
+        super().__init__()
+        scales = weight_scales(linear.weight)
+        self.weight = torch.nn.Parameter(quantize_weight(linear.weight, scales).float() * scales[:, None],
+                                         requires_grad=False)
+        self.bias = linear.bias
+        self.input_scale = input_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(fake_quant_activation(x, self.input_scale), self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def fake_quantized(model: torch.nn.Module, plan: QuantPlan):
+    """Swap each quantized Linear for a FakeQuantLinear; always restore the originals."""
+    swapped = []
+    try:
+        for entry in plan.quantized():
+            parent_name, _, child = entry.name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            original = getattr(parent, child)
+            setattr(parent, child, FakeQuantLinear(original, entry.input_scale))
+            swapped.append((parent, child, original))
+        yield model
+    finally:
+        for parent, child, original in reversed(swapped):
+            setattr(parent, child, original)

@@ -1,0 +1,74 @@
+"""Per-input-channel absmax of every quantizable Linear input, collected with forward pre-hooks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from calibration import CalibrationError
+from calibration.architectures import ArchitectureSpec
+
+log = logging.getLogger(__name__)
+
+
+def quantizable_linears(model: torch.nn.Module, spec: ArchitectureSpec) -> dict[str, torch.nn.Linear]:
+    """Full module name -> Linear, for every linear of the spec in every decoder layer, in layer order."""
+    layers = model.get_submodule(spec.layers)
+    found = {}
+    for i, layer in enumerate(layers):
+        for rel in spec.linears:
+            module = layer.get_submodule(rel)
+            if not isinstance(module, torch.nn.Linear):
+                raise CalibrationError(f"{spec.layers}.{i}.{rel} is {type(module).__name__}, expected Linear")
+            found[f"{spec.layers}.{i}.{rel}"] = module
+    return found
+
+
+@torch.no_grad()
+def collect_input_absmax(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], windows: np.ndarray,
+                         batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Run the windows through the model; return fp32 per-input-channel max|x| for each linear."""
+    absmax: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(_module, args):
+            x = args[0]
+            cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            prev = absmax.get(name)
+            # fmax would drop NaNs; maximum keeps them so non-finite activations are reported below.
+            absmax[name] = cur if prev is None else torch.maximum(prev, cur)
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        ids = torch.from_numpy(windows)
+        for start in tqdm(range(0, len(ids), batch_size), desc="calibrating", unit="batch"):
+            # logits_to_keep=1: the lm_head is not calibrated, so skip most of its cost.
+            model(input_ids=ids[start : start + batch_size], use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    check_finite(absmax)
+    return absmax
+
+
+def check_finite(absmax: dict[str, torch.Tensor]) -> None:
+    for name, value in absmax.items():
+        if not torch.isfinite(value).all():
+            raise CalibrationError(
+                f"NaN/Inf activations seen in calibration at the input of {name}: the model weights or the "
+                "calibration text produce non-finite values; check the model file (run it in float32)"
+            )
+
+
+def save_stats(absmax: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    save_file({k: v.contiguous() for k, v in absmax.items()}, str(path), metadata=metadata)
+
+
+def load_stats(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))

@@ -1,0 +1,99 @@
+"""Export a causal LM to ONNX: input_ids, attention_mask -> logits, dynamic batch and sequence.
+
+Exporter choice: torch.onnx's TorchScript exporter (dynamo=False), pinned with torch 2.13.0. On transformers 5.23
+it reproduces PyTorch logits to ~1e-7 including padded masks, names nodes by module scope (our module->node map
+relies on it), and is deterministic. The dynamo exporter gave 0.1-0.3 logit errors on padded masks here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+
+from exporters import ExportError
+from exporters.naming import SCOPE, matmul_node_name
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAMES = ("logits",)
+DYNAMIC_AXES = {
+    "input_ids": {0: "batch", 1: "sequence"},
+    "attention_mask": {0: "batch", 1: "sequence"},
+    "logits": {0: "batch", 1: "sequence"},
+}
+
+
+class LogitsOnly(torch.nn.Module):
+    """Prefill-only view of a causal LM (the KV-cache graph is a separate export)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        setattr(self, SCOPE, lm)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return getattr(self, SCOPE)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@contextlib.contextmanager
+def eager_attention(model: torch.nn.Module):
+    """Trace the eager attention path, then restore the model's own implementation.
+
+    The TorchScript exporter lowers SDPA with a float32 -inf mask, which promotes an FP16 graph's attention and
+    o_proj to FP32 and puts -inf into FP16 arithmetic; eager attention adds a mask in the model dtype built with
+    finfo.min and casts the FP32 softmax back, so the FP16 graph stays FP16 end to end.
+    """
+    original = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(original)
+
+
+def export_model(model: torch.nn.Module, dtype: torch.dtype, opset: int, linear_names: list[str]) -> ir.Model:
+    """Trace `model` (copied and cast to dtype) and return the graph with readable weight names."""
+    traced = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    with eager_attention(traced):
+        graph_model = _trace(LogitsOnly(traced).eval(), opset)
+    name_linear_weights(graph_model, linear_names)
+    return graph_model
+
+
+def _trace(wrapper: torch.nn.Module, opset: int) -> ir.Model:
+    sample = torch.ones(1, 8, dtype=torch.int64)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes are expected here
+        path = Path(tmp) / "model.onnx"
+        try:
+            torch.onnx.export(
+                wrapper, (sample, torch.ones_like(sample)), str(path), input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES), dynamic_axes=DYNAMIC_AXES, opset_version=opset, dynamo=False,
+                do_constant_folding=True,
+            )
+        except Exception as e:  # the exporter raises many types; report one line with the cause
+            raise ExportError(f"torch.onnx export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        graph_model = ir.load(path)
+        # Materialise external tensors before the temporary folder goes away.
+        for value in graph_model.graph.initializers.values():
+            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    return graph_model
+
+
+def name_linear_weights(model: ir.Model, linear_names: list[str]) -> None:
+    """Rename each linear's transposed weight initializer from 'onnx::MatMul_123' to '<module>.weight_t'."""
+    nodes = {node.name: node for node in model.graph}
+    for name in linear_names:
+        node = nodes.get(matmul_node_name(name))
+        if node is None:
+            raise ExportError(f"no MatMul node '{matmul_node_name(name)}' for module {name} in the exported graph")
+        weight = node.inputs[1]
+        if weight is not None and weight.const_value is not None and len(weight.uses()) == 1:
+            weight.name = f"{name}.weight_t"

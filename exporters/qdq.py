@@ -1,0 +1,123 @@
+"""Q/DQ insertion by graph surgery (onnx-ir): the placement TensorRT fuses into INT8 GEMMs.
+
+For each quantized linear: an INT8 weight initializer -> DequantizeLinear (per output channel) on the weight input,
+and QuantizeLinear -> DequantizeLinear (per tensor) on the activation input. Linears reading the same activation
+(q/k/v, gate/up) share one Q/DQ pair, so TensorRT quantizes that tensor once. GEMM outputs are not quantized
+(TensorRT guide: extra Q/DQ outside the GEMM inputs break fusions).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from exporters import ExportError
+from exporters.naming import matmul_node_name, module_of_node, scope_of
+
+
+@dataclass(frozen=True)
+class LinearQuantization:
+    module: str
+    weight: np.ndarray  # int8 [out_features, in_features], PyTorch layout
+    weight_scale: np.ndarray  # float32 [out_features]
+    input_scale: float
+
+
+def weight_axis(node: ir.Node) -> int:
+    """Per-channel axis of a GEMM's weight (input 1): one scale per output column.
+
+    MatMul(X, W) with W [K, N] -> axis 1; Gemm with transB=1 (W [N, K]) -> axis 0 (TensorRT Q/DQ rules).
+    """
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return 0 if trans_b is not None and trans_b.as_int() == 1 else 1
+    return 1
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.tensor(array).dtype
+    graph.register_initializer(value)
+    return value
+
+
+def _quantized_weight_layout(node: ir.Node, weight: np.ndarray) -> np.ndarray:
+    return weight if weight_axis(node) == 0 else np.ascontiguousarray(weight.T)
+
+
+def insert_qdq(model: ir.Model, linears: list[LinearQuantization], scale_dtype: type) -> None:
+    """Rewrite `model` in place. scale_dtype: np.float32 for the ORT graph, np.float16 for TensorRT's FP16 graph
+    (strongly typed: DequantizeLinear's output dtype is its scale's dtype)."""
+    graph = model.graph
+    nodes = {node.name: node for node in graph}
+    shared_input = {}  # activation Value -> its DequantizeLinear output
+    for lq in linears:
+        node = nodes.get(matmul_node_name(lq.module))
+        if node is None or node.op_type not in ("MatMul", "Gemm"):
+            raise ExportError(f"module {lq.module}: no MatMul/Gemm node '{matmul_node_name(lq.module)}' in the graph")
+        _quantize_weight(graph, node, lq, scale_dtype)
+        activation = node.inputs[0]
+        if activation not in shared_input:
+            shared_input[activation] = _quantize_activation(graph, node, lq, activation, linears, scale_dtype)
+        node.replace_input_with(0, shared_input[activation])
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.outputs]:
+        graph.initializers.pop(name)
+
+
+def _quantize_weight(graph: ir.Graph, node: ir.Node, lq: LinearQuantization, scale_dtype: type) -> None:
+    old = node.inputs[1]
+    stored = _quantized_weight_layout(node, lq.weight)
+    if old is None or old.const_value is None or tuple(old.const_value.shape) != stored.shape:
+        found = None if old is None or old.const_value is None else tuple(old.const_value.shape)
+        raise ExportError(f"module {lq.module}: weight input of {node.name} is {found}, expected constant {stored.shape}")
+    scope = scope_of(lq.module)
+    q_weight = _initializer(graph, f"{lq.module}.weight_quantized", stored.astype(np.int8))
+    scale = _initializer(graph, f"{lq.module}.weight_scale", lq.weight_scale.astype(scale_dtype))
+    zero = _initializer(graph, f"{lq.module}.weight_zero_point", np.zeros(lq.weight_scale.shape, np.int8))
+    dq = ir.node("DequantizeLinear", [q_weight, scale, zero], {"axis": weight_axis(node)},
+                 name=f"{scope}/DequantizeLinear_weight")
+    dq.outputs[0].name = f"{lq.module}.weight_dequantized"
+    graph.insert_before(node, dq)
+    node.replace_input_with(1, dq.outputs[0])
+
+
+def _quantize_activation(graph: ir.Graph, node: ir.Node, lq: LinearQuantization, activation: ir.Value,
+                         linears: list[LinearQuantization], scale_dtype: type) -> ir.Value:
+    # Linears sharing this activation share its scale: the widest of theirs, so none of them clips more.
+    sharing = {u.node.name for u in activation.uses()}
+    scale_value = max(x.input_scale for x in linears if matmul_node_name(x.module) in sharing)
+    scope = scope_of(lq.module)
+    scale = _initializer(graph, f"{lq.module}.input_scale", np.array(scale_value, dtype=scale_dtype))
+    zero = _initializer(graph, f"{lq.module}.input_zero_point", np.array(0, dtype=np.int8))
+    q = ir.node("QuantizeLinear", [activation, scale, zero], name=f"{scope}/QuantizeLinear_input")
+    q.outputs[0].name = f"{lq.module}.input_quantized"
+    dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{scope}/DequantizeLinear_input")
+    dq.outputs[0].name = f"{lq.module}.input_dequantized"
+    graph.insert_before(node, [q, dq])
+    return dq.outputs[0]
+
+
+def module_node_map(model: ir.Model) -> dict[str, list[str]]:
+    """PyTorch module name -> its ONNX node names, plus the Q/DQ nodes feeding its GEMM inputs."""
+    mapping: dict[str, list[str]] = defaultdict(list)
+    for node in model.graph:
+        module = module_of_node(node.name)
+        if module:
+            mapping[module].append(node.name)
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        module = module_of_node(node.name)
+        for value in node.inputs:
+            dq = value.producer() if value is not None else None
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            feeders = [dq] + [p for p in [dq.inputs[0].producer()] if p is not None and p.op_type == "QuantizeLinear"]
+            for feeder in feeders:
+                if feeder.name not in mapping[module]:
+                    mapping[module].append(feeder.name)
+    return {k: v for k, v in sorted(mapping.items())}

@@ -1,0 +1,101 @@
+"""The output folder: atomic writes, per-stage records keyed by input hashes, and manifest.json."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from pipeline import PipelineError
+
+PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "onnx-ir", "polygraphy", "numpy", "gguf")
+
+
+def prepare_out(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PipelineError(f"cannot write to OUT '{out}' ({e.strerror}): choose a writable folder") from None
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path):
+    """Yield a temporary sibling path; rename it onto `final` only if the block succeeds."""
+    tmp = final.with_name(f".{final.name}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, data) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class StageRecords:
+    """stages/<name>.json holds the key (hash of inputs) and the sha256 of each output of a completed stage."""
+
+    def __init__(self, out: Path):
+        self.folder = out / "stages"
+
+    def _path(self, stage: str) -> Path:
+        return self.folder / f"{stage}.json"
+
+    def is_current(self, stage: str, key: str) -> bool:
+        path = self._path(stage)
+        if not path.exists():
+            return False
+        record = read_json(path)
+        if record.get("key") != key:
+            return False
+        out = self.folder.parent
+        return all((out / name).exists() and file_sha256(out / name) == sha for name, sha in record["outputs"].items())
+
+    def key(self, stage: str) -> str:
+        path = self._path(stage)
+        if not path.exists():
+            raise PipelineError(f"stage '{stage}' has not run in {self.folder.parent}: run `python -m pipeline {stage}` first")
+        return read_json(path)["key"]
+
+    def complete(self, stage: str, key: str, outputs: list[str], details: dict | None = None) -> None:
+        self.folder.mkdir(exist_ok=True)
+        out = self.folder.parent
+        record = {"key": key, "outputs": {name: file_sha256(out / name) for name in outputs}, "details": details or {}}
+        write_json(self._path(stage), record)
+
+    def details(self, stage: str) -> dict:
+        path = self._path(stage)
+        return read_json(path).get("details", {}) if path.exists() else {}
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found

@@ -1,0 +1,93 @@
+"""`python -m pipeline <stage>`: one subcommand per stage, and `engine` chaining them all."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from calibration import CalibrationError
+from exporters import ExportError
+from pipeline import PipelineError
+from pipeline.config import BuildConfig, CalibrationConfig, ExportConfig, QuantConfig, RunConfig
+from trt_builder import BuildError
+
+USER_ERRORS = (PipelineError, CalibrationError, ExportError, BuildError)
+ORDER = ("calibrate", "quantize", "export", "build", "verify")
+HELP = {
+    "calibrate": "token windows + per-channel activation absmax of every decoder linear input",
+    "quantize": "SmoothQuant factors and the W8A8 plan (printed and saved)",
+    "export": "reference ONNX, Q/DQ ONNX (FP32 for ONNX Runtime, FP16 for TensorRT), module map, lint",
+    "build": "TensorRT plan from the FP16 Q/DQ ONNX (skipped with a reason where TensorRT is absent)",
+    "verify": "ONNX Runtime vs PyTorch and reference vs Q/DQ on evaluation windows; report.json/report.md",
+    "engine": "all stages in order, resuming from what OUT already holds",
+}
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    d_cal, d_q, d_b = CalibrationConfig(), QuantConfig(), BuildConfig()
+    p.add_argument("--model", default="smollm2-135m", help="hub id, local HF folder, .gguf file or alias")
+    p.add_argument("--out", default=None, help="output folder (default build/<model-name>)")
+    p.add_argument("--calib", default=d_cal.source, help="calibration .txt/.jsonl file, or 'synthetic'")
+    p.add_argument("--eval", default=None, help="evaluation text (default: held-out windows of the calibration source)")
+    p.add_argument("--calib-windows", type=int, default=d_cal.windows)
+    p.add_argument("--eval-windows", type=int, default=d_cal.eval_windows)
+    p.add_argument("--seq-len", type=int, default=d_cal.seq_len)
+    p.add_argument("--seed", type=int, default=d_cal.seed)
+    p.add_argument("--batch-size", type=int, default=d_cal.batch_size, help="calibration batch size")
+    p.add_argument("--alpha", type=float, default=d_q.alpha, help="SmoothQuant migration strength in [0, 1]")
+    p.add_argument("--no-smooth", action="store_true", help="naive W8A8 without SmoothQuant (for comparison)")
+    p.add_argument("--include", action="append", default=[], help="quantize only modules matching this glob")
+    p.add_argument("--skip", action="append", default=[], help="keep modules matching this glob in float")
+    p.add_argument("--max-batch", type=int, default=d_b.max_batch, help="TensorRT profile max batch")
+    p.add_argument("--max-seq-len", type=int, default=d_b.max_seq_len, help="TensorRT profile max sequence")
+    p.add_argument("--require-plan", action="store_true", default=os.environ.get("REQUIRE_PLAN") == "1",
+                   help="fail when the TensorRT plan cannot be built (also REQUIRE_PLAN=1)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m pipeline", description="SmoothQuant W8A8 -> verified Q/DQ ONNX -> TensorRT")
+    sub = root.add_subparsers(dest="command", required=True)
+    for name in ORDER + ("engine",):
+        _add_options(sub.add_parser(name, help=HELP[name], description=HELP[name]))
+    return root
+
+
+def config_from(args: argparse.Namespace) -> RunConfig:
+    from pipeline.models import resolve
+
+    out = args.out or str(Path("build") / resolve(args.model).name)
+    return RunConfig(
+        model=args.model,
+        out=out,
+        calibration=CalibrationConfig(args.calib, args.eval, args.calib_windows, args.eval_windows, args.seq_len,
+                                      args.seed, args.batch_size),
+        quant=QuantConfig(args.alpha, not args.no_smooth, tuple(args.include), tuple(args.skip)),
+        export=ExportConfig(),
+        build=BuildConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, require_plan=args.require_plan),
+    )
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        from pipeline import stages
+
+        current = stages.Run(config_from(args))
+        for name in ORDER if args.command == "engine" else (args.command,):
+            stages.STAGES[name](current)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; completed stages are kept and the next run resumes after them", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,139 @@
+"""report.json / report.md: what was measured, on what, and what could not run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from calibration.quant import QuantPlan
+from pipeline.config import RunConfig
+
+FAITHFUL_COSINE = 0.999  # the Q/DQ graph must reproduce the PyTorch simulation of the same recipe
+
+
+def faithful(quantized_vs_sim: dict) -> bool:
+    """Cosine >= 0.999, or a deviation no larger than twice the simulation's own noise floor (SDPA vs eager
+    attention in PyTorch), since no implementation can match a discontinuous model more closely than that."""
+    deviation = 1.0 - quantized_vs_sim["cosine_mean"]
+    floor = 1.0 - quantized_vs_sim["noise_floor"]["cosine_mean"]
+    return quantized_vs_sim["cosine_min"] >= FAITHFUL_COSINE or deviation <= 2.0 * floor
+
+
+def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: dict, reference_vs_torch: dict,
+                 quantized_vs_sim: dict, fp16_graph: dict) -> dict:
+    stages = manifest.get("stages", {})
+    calib = stages.get("calibrate", {})
+    build = stages.get("build", {"status": "not run"})
+    quantized = plan.quantized()
+    return {
+        "model": config.model,
+        "recipe": plan.recipe,
+        "alpha": plan.alpha,
+        "smoothing": config.quant.smooth,
+        "modules": {"quantized": len(quantized), "skipped": sum(m.status == "skipped" for m in plan.modules),
+                    "float": sum(m.status == "float" for m in plan.modules)},
+        "calibration": {"origin": calib.get("calibration_origin"), "windows": config.calibration.windows,
+                        "seq_len": config.calibration.seq_len, "seed": calib.get("seed"),
+                        "windows_sha256": calib.get("windows_sha256")},
+        "evaluation": {"origin": calib.get("evaluation_origin"), "windows": accuracy["windows"],
+                       "predicted_tokens": accuracy["predicted_tokens"]},
+        "accuracy": {
+            "runtime": "ONNX Runtime CPU (Polygraphy OnnxrtRunner)",
+            "perplexity_reference_fp32_onnx": accuracy["perplexity_reference"],
+            "perplexity_quantized_fp32_onnx": accuracy["perplexity_candidate"],
+            "perplexity_delta_percent": accuracy["perplexity_delta_percent"],
+            "next_token_top1_agreement": accuracy["top1_agreement"],
+            "logits_cosine_mean": accuracy["cosine_mean"],
+            "logits_cosine_min": accuracy["cosine_min"],
+            "logits_max_abs_error": accuracy["max_abs_error"],
+        },
+        "export_faithfulness": {
+            "reference_onnx_vs_pytorch_fp32": reference_vs_torch,
+            "quantized_onnx_vs_pytorch_fake_quant": quantized_vs_sim,
+            "threshold_cosine": FAITHFUL_COSINE,
+            "faithful": faithful(quantized_vs_sim),
+        },
+        "tensorrt_fp16_graph_on_onnxruntime": fp16_graph,
+        "tensorrt_plan": build,
+        "not_verified": [] if build.get("status") == "done" else [
+            "TensorRT engine: no plan was built here, so nothing ran in TensorRT ("
+            + build.get("reason", build.get("status", "")) + ")"],
+    }
+
+
+def render_markdown(r: dict) -> str:
+    a, f, h = r["accuracy"], r["export_faithfulness"], r["tensorrt_fp16_graph_on_onnxruntime"]
+    plan = r["tensorrt_plan"]
+    lines = [
+        f"# smoothtrt report: {r['model']}",
+        "",
+        f"Recipe: {r['recipe']}; SmoothQuant {'on, alpha ' + str(r['alpha']) if r['smoothing'] else 'off'}; "
+        f"{r['modules']['quantized']} linears quantized, {r['modules']['skipped']} skipped, "
+        f"{r['modules']['float']} modules float.",
+        "",
+        f"Calibration: {r['calibration']['origin']} ({r['calibration']['windows']} x {r['calibration']['seq_len']} "
+        f"tokens, sha256 {str(r['calibration']['windows_sha256'])[:16]}).",
+        f"Evaluation: {r['evaluation']['origin']} ({r['evaluation']['predicted_tokens']} predicted tokens).",
+        "",
+        f"## Accuracy ({a['runtime']})",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| perplexity, reference FP32 ONNX | {a['perplexity_reference_fp32_onnx']:.4f} |",
+        f"| perplexity, Q/DQ FP32 ONNX | {a['perplexity_quantized_fp32_onnx']:.4f} |",
+        f"| perplexity delta | {a['perplexity_delta_percent']:+.2f}% |",
+        f"| next-token top-1 agreement (teacher-forced) | {100 * a['next_token_top1_agreement']:.2f}% |",
+        f"| logits cosine, mean / min over windows | {a['logits_cosine_mean']:.5f} / {a['logits_cosine_min']:.5f} |",
+        f"| logits max abs error | {a['logits_max_abs_error']:.4f} |",
+        "",
+        "## Export faithfulness",
+        "",
+        "| comparison | windows | cosine min | max abs error | top-1 agreement |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, key in (("reference ONNX vs PyTorch FP32", "reference_onnx_vs_pytorch_fp32"),
+                       ("Q/DQ ONNX vs PyTorch fake-quant", "quantized_onnx_vs_pytorch_fake_quant")):
+        s = f[key]
+        lines.append(f"| {label} | {s['windows']} | {s['cosine_min']:.6f} | {s['max_abs_error']:.4g} | "
+                     f"{100 * s['top1_agreement']:.2f}% |")
+    floor = f["quantized_onnx_vs_pytorch_fake_quant"]["noise_floor"]
+    lines.append(f"| noise floor: PyTorch fake-quant, SDPA vs eager attention | {floor['windows']} | "
+                 f"{floor['cosine_min']:.6f} | {floor['max_abs_error']:.4g} | {100 * floor['top1_agreement']:.2f}% |")
+    lines += [
+        "",
+        f"Faithful (cosine min >= {f['threshold_cosine']}, or mean deviation within twice the noise floor's): "
+        f"{'yes' if f['faithful'] else 'NO'}.",
+        "",
+        "## FP16 Q/DQ graph (the one TensorRT builds), run in ONNX Runtime CPU",
+        "",
+        f"{h['windows']} windows: perplexity {h['perplexity_candidate']:.4f} vs reference "
+        f"{h['perplexity_reference']:.4f} ({h['perplexity_delta_percent']:+.2f}%), top-1 agreement "
+        f"{100 * h['top1_agreement']:.2f}%, cosine min {h['cosine_min']:.5f}.",
+        "",
+        "## TensorRT plan",
+        "",
+        f"Status: {plan.get('status')}" + (f" ({plan['reason']})" if plan.get("reason") else "") + ".",
+    ]
+    if r["not_verified"]:
+        lines += ["", "## Not verified", ""] + [f"- {item}" for item in r["not_verified"]]
+    return "\n".join(lines) + "\n"
+
+
+def print_plan(plan: QuantPlan) -> None:
+    out = sys.stdout
+    out.write(f"{'module':<42} {'status':<10} {'alpha':>5} {'input scale':>12} {'weight scales':>21} {'max s':>8}\n")
+    for m in plan.modules:
+        alpha = f"{m.alpha:.2f}" if m.alpha is not None else "-"
+        act = f"{m.input_scale:.4g}" if m.input_scale is not None else "-"
+        w = f"{m.weight_scale_min:.2e}..{m.weight_scale_max:.2e}" if m.weight_scale_min is not None else "-"
+        s = f"{m.smoothing_factor_max:.3g}" if m.smoothing_factor_max is not None else "-"
+        out.write(f"{m.name:<42} {m.status:<10} {alpha:>5} {act:>12} {w:>21} {s:>8}\n")
+
+
+def print_headline(r: dict, path: Path) -> None:
+    a = r["accuracy"]
+    print(f"perplexity: reference {a['perplexity_reference_fp32_onnx']:.4f}, Q/DQ {a['perplexity_quantized_fp32_onnx']:.4f} "
+          f"({a['perplexity_delta_percent']:+.2f}%), top-1 agreement {100 * a['next_token_top1_agreement']:.2f}%, "
+          f"faithful: {r['export_faithfulness']['faithful']}; report: {path}")
+    for item in r["not_verified"]:
+        print(f"not verified: {item}")

@@ -1,0 +1,236 @@
+"""The stages of `make engine`, each re-runnable alone from the artifacts the previous ones saved in OUT.
+
+A stage is skipped when its record in OUT/stages/ has the same key (hash of its inputs: model content, config,
+upstream keys) and its outputs still hash the same; otherwise it runs and overwrites them atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from safetensors.torch import load_file, save_file
+
+from calibration.data import build_windows
+from calibration.quant import QuantPlan, build_plan, fake_quantized, quantize_weight, weight_scales
+from calibration.smoothing import apply_factors, compute_factors, consumer_factors
+from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
+from exporters.lint import check_onnx_file, lint_or_raise
+from exporters.onnx_export import export_model
+from exporters.qdq import LinearQuantization, insert_qdq, module_node_map
+from pipeline import models, report, verify
+from pipeline.artifacts import StageRecords, atomic_path, prepare_out, read_json, versions, write_json
+from pipeline.config import RunConfig, digest
+from trt_builder import BuildError
+
+log = logging.getLogger(__name__)
+
+WINDOWS = "windows.npz"
+STATS = "calibration_stats.safetensors"
+FACTORS = "smoothing_factors.safetensors"
+PLAN = "quant_plan.json"
+REFERENCE = "reference.onnx"
+QUANTIZED = "quantized.onnx"  # FP32 graph + INT8 Q/DQ, for ONNX Runtime on CPU
+QUANTIZED_FP16 = "quantized.fp16.onnx"  # FP16 graph + INT8 Q/DQ with FP16 scales, for TensorRT
+MODULE_MAP = "module_map.json"
+ENGINE = "model.plan"
+FLOAT_MODULES = ("model.embed_tokens", "lm_head")  # kept float by default: embedding lookup and vocab projection
+FAITHFULNESS_WINDOWS = 4
+FP16_GRAPH_WINDOWS = 2
+
+
+class Run:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.out = prepare_out(Path(config.out))
+        self.records = StageRecords(self.out)
+        self.source = models.resolve(config.model)
+        self._fingerprint: str | None = None
+        self._loaded = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.source.fingerprint()
+        return self._fingerprint
+
+    def model(self):
+        """A fresh FP32 copy of the model (stages mutate it by smoothing), its tokenizer and architecture spec."""
+        if self._loaded is None:
+            self._loaded = models.load(self.source)
+        model, tokenizer, spec = self._loaded
+        return copy.deepcopy(model), tokenizer, spec
+
+    def path(self, name: str) -> Path:
+        return self.out / name
+
+    def update_manifest(self, stage: str, status: str, **extra) -> None:
+        path = self.path("manifest.json")
+        manifest = read_json(path) if path.exists() else {}
+        manifest.update({
+            "config": self.config.to_json(),
+            "model": {"spec": self.source.spec, "kind": self.source.kind, "fingerprint": self.fingerprint()},
+            "versions": versions(),
+        })
+        manifest.setdefault("stages", {})[stage] = {"status": status, **extra}
+        write_json(path, manifest)
+
+
+def _up_to_date(run: Run, stage: str, key: str) -> bool:
+    if run.records.is_current(stage, key):
+        log.info("%s: up to date in %s, skipped", stage, run.out)
+        return True
+    return False
+
+
+def calibrate(run: Run) -> None:
+    cfg = run.config.calibration
+    key = digest("calibrate", run.fingerprint(), cfg)
+    if _up_to_date(run, "calibrate", key):
+        return
+    model, tokenizer, spec = run.model()
+    windows = build_windows(model, tokenizer, cfg.source, cfg.eval_source, cfg.windows, cfg.eval_windows,
+                            cfg.seq_len, cfg.seed)
+    absmax = collect_input_absmax(model, quantizable_linears(model, spec), windows.calibration, cfg.batch_size)
+    details = {"calibration_origin": windows.calibration_origin, "evaluation_origin": windows.evaluation_origin,
+               "windows_sha256": windows.digest(), "seed": cfg.seed}
+    with atomic_path(run.path(WINDOWS)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, calibration=windows.calibration, evaluation=windows.evaluation)
+    with atomic_path(run.path(STATS)) as tmp:
+        save_stats(absmax, tmp, {"windows_sha256": windows.digest()})
+    run.records.complete("calibrate", key, [WINDOWS, STATS], details)
+    run.update_manifest("calibrate", "done", **details)
+    log.info("calibrate: %d windows x %d tokens (%s), sha256 %s", cfg.windows, cfg.seq_len,
+             windows.calibration_origin, windows.digest()[:16])
+
+
+def quantize(run: Run) -> QuantPlan:
+    cfg = run.config.quant
+    key = digest("quantize", run.records.key("calibrate"), cfg)
+    if _up_to_date(run, "quantize", key):
+        return QuantPlan.from_json(read_json(run.path(PLAN)))
+    model, _, spec = run.model()
+    absmax = load_stats(run.path(STATS))
+    factors = compute_factors(model, spec, absmax, cfg.alpha) if cfg.smooth else {}
+    input_factors = consumer_factors(model, spec, factors)
+    apply_factors(model, spec, factors)  # weight scales are those of the smoothed weights
+    smoothed_absmax = {n: a / input_factors[n] if n in input_factors else a for n, a in absmax.items()}
+    plan = build_plan(quantizable_linears(model, spec), smoothed_absmax, input_factors, cfg.alpha, cfg.include,
+                      cfg.skip, FLOAT_MODULES)
+    with atomic_path(run.path(FACTORS)) as tmp:
+        save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
+    write_json(run.path(PLAN), plan.to_json())
+    run.records.complete("quantize", key, [FACTORS, PLAN])
+    run.update_manifest("quantize", "done", quantized=len(plan.quantized()))
+    report.print_plan(plan)
+    return plan
+
+
+def smoothed_model(run: Run):
+    model, tokenizer, spec = run.model()
+    apply_factors(model, spec, load_file(str(run.path(FACTORS))))
+    return model, spec
+
+
+def linear_quantizations(model: torch.nn.Module, plan: QuantPlan) -> list[LinearQuantization]:
+    result = []
+    for entry in plan.quantized():
+        weight = model.get_submodule(entry.name).weight
+        scales = weight_scales(weight)
+        result.append(LinearQuantization(entry.name, quantize_weight(weight, scales).numpy(), scales.numpy(),
+                                         entry.input_scale))
+    return result
+
+
+def save_onnx(graph: ir.Model, path: Path, threshold: int) -> None:
+    size = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
+    external = path.name + ".data" if size > threshold else None
+    with atomic_path(path) as tmp:
+        ir.save(graph, tmp, external_data=external)
+    check_onnx_file(path)
+
+
+def export(run: Run) -> None:
+    cfg = run.config.export
+    key = digest("export", run.records.key("quantize"), cfg)
+    if _up_to_date(run, "export", key):
+        return
+    plan = QuantPlan.from_json(read_json(run.path(PLAN)))
+    model, _, spec = run.model()
+    names = list(quantizable_linears(model, spec))
+    log.info("export: reference FP32 graph")
+    save_onnx(export_model(model, torch.float32, cfg.opset, names), run.path(REFERENCE), cfg.external_data_threshold)
+    del model
+    model, _ = smoothed_model(run)
+    linears = linear_quantizations(model, plan)
+    outputs = [REFERENCE]
+    for dtype, scale_dtype, name in ((torch.float32, np.float32, QUANTIZED), (torch.float16, np.float16, QUANTIZED_FP16)):
+        log.info("export: %s (%s graph, %d quantized linears)", name, dtype, len(linears))
+        graph = export_model(model, dtype, cfg.opset, names)
+        insert_qdq(graph, linears, scale_dtype)
+        lint_or_raise(graph, name)
+        if name == QUANTIZED:
+            write_json(run.path(MODULE_MAP), module_node_map(graph))
+        save_onnx(graph, run.path(name), cfg.external_data_threshold)
+        outputs.append(name)
+    run.records.complete("export", key, outputs + [MODULE_MAP])
+    run.update_manifest("export", "done", opset=cfg.opset, files=outputs + [MODULE_MAP])
+
+
+def build(run: Run) -> None:
+    from trt_builder.build import BuildSettings, build_plan, write_manifest
+    from trt_builder.compat import unavailable_reason
+
+    cfg = run.config.build
+    reason = unavailable_reason()
+    if reason is not None:
+        if cfg.require_plan:
+            raise BuildError(f"REQUIRE_PLAN=1 but the TensorRT plan cannot be built here: {reason}")
+        log.warning("build: TensorRT plan SKIPPED (not built): %s; the verified ONNX is in %s", reason, run.out)
+        run.update_manifest("build", "skipped", reason=reason)
+        return
+    key = digest("build", run.records.key("export"), cfg)
+    if _up_to_date(run, "build", key):
+        return
+    settings = BuildSettings(cfg.max_batch, cfg.max_seq_len, cfg.workspace_gib << 30, cfg.optimization_level)
+    manifest = build_plan(run.path(QUANTIZED_FP16), run.path(ENGINE), settings, run.path("timing.cache"))
+    write_manifest(manifest, run.path(ENGINE + ".json"))
+    run.records.complete("build", key, [ENGINE, ENGINE + ".json"])
+    run.update_manifest("build", "done", **manifest)
+
+
+def verify_stage(run: Run) -> dict:
+    key = digest("verify", run.records.key("export"), run.records.details("calibrate"),
+                 read_json(run.path("manifest.json"))["stages"].get("build"))
+    if _up_to_date(run, "verify", key):
+        return read_json(run.path("report.json"))
+    plan = QuantPlan.from_json(read_json(run.path(PLAN)))
+    evaluation = np.load(run.path(WINDOWS))["evaluation"]
+    model, _, _ = run.model()
+    reference_vs_torch = verify.compare_with_torch(run.path(REFERENCE), model, evaluation[:FAITHFULNESS_WINDOWS],
+                                                   "reference ONNX vs PyTorch")
+    del model
+    accuracy = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED), evaluation, "reference vs Q/DQ ONNX")
+    model, _ = smoothed_model(run)
+    with fake_quantized(model, plan):
+        quantized_vs_sim = verify.compare_with_torch(run.path(QUANTIZED), model, evaluation[:FAITHFULNESS_WINDOWS],
+                                                     "Q/DQ ONNX vs PyTorch fake-quant")
+        quantized_vs_sim["noise_floor"] = verify.attention_path_noise_floor(model, evaluation[:FAITHFULNESS_WINDOWS])
+    fp16_graph = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED_FP16), evaluation[:FP16_GRAPH_WINDOWS],
+                                       "reference vs FP16 Q/DQ ONNX (TensorRT graph)")
+    manifest = read_json(run.path("manifest.json"))
+    result = report.build_report(run.config, manifest, plan, accuracy, reference_vs_torch, quantized_vs_sim, fp16_graph)
+    write_json(run.path("report.json"), result)
+    with atomic_path(run.path("report.md")) as tmp:
+        tmp.write_text(report.render_markdown(result))
+    run.records.complete("verify", key, ["report.json", "report.md"])
+    run.update_manifest("verify", "done", perplexity_delta_percent=accuracy["perplexity_delta_percent"])
+    report.print_headline(result, run.path("report.md"))
+    return result
+
+
+STAGES = {"calibrate": calibrate, "quantize": quantize, "export": export, "build": build, "verify": verify_stage}

@@ -1,0 +1,137 @@
+"""Verification on CPU: Polygraphy's ONNX Runtime backend runs the reference and Q/DQ graphs on real token windows,
+compared with each other (accuracy) and with PyTorch (export faithfulness)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """Sum and count of -log p(token t+1 | tokens <= t) over a [batch, seq] window (float64 log-softmax)."""
+    logp = torch.log_softmax(torch.from_numpy(logits[:, :-1]).double(), dim=-1)
+    target = torch.from_numpy(ids[:, 1:]).long()
+    nll = -logp.gather(-1, target[..., None]).squeeze(-1)
+    return float(nll.sum()), nll.numel()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over positions of the cosine between two logit vectors."""
+    a64 = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b64 = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    num = (a64 * b64).sum(-1)
+    den = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
+    return float(np.mean(num / np.maximum(den, 1e-30)))
+
+
+def top1_matches(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    ta, tb = a.argmax(-1), b.argmax(-1)
+    return int((ta == tb).sum()), ta.size
+
+
+@dataclass
+class PairStats:
+    """Streaming comparison of a candidate's logits against a baseline's."""
+
+    cosines: list[float] = field(default_factory=list)
+    max_abs: float = 0.0
+    top1_same: int = 0
+    positions: int = 0
+
+    def add(self, baseline: np.ndarray, candidate: np.ndarray) -> None:
+        self.cosines.append(cosine(baseline, candidate))
+        self.max_abs = max(self.max_abs, float(np.abs(baseline.astype(np.float32) - candidate.astype(np.float32)).max()))
+        same, n = top1_matches(baseline, candidate)
+        self.top1_same += same
+        self.positions += n
+
+    def summary(self) -> dict:
+        return {
+            "windows": len(self.cosines),
+            "cosine_mean": float(np.mean(self.cosines)),
+            "cosine_min": float(np.min(self.cosines)),
+            "max_abs_error": self.max_abs,
+            "top1_agreement": self.top1_same / max(self.positions, 1),
+        }
+
+
+@dataclass
+class Perplexity:
+    nll: float = 0.0
+    count: int = 0
+
+    def add(self, logits: np.ndarray, ids: np.ndarray) -> None:
+        s, n = next_token_nll(logits, ids)
+        self.nll += s
+        self.count += n
+
+    def value(self) -> float:
+        return float(np.exp(self.nll / self.count))
+
+
+def onnx_runner(path: Path) -> OnnxrtRunner:
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]))
+
+
+def feed(window: np.ndarray) -> dict[str, np.ndarray]:
+    ids = window[None, :].astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def torch_logits(model: torch.nn.Module, window: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(window[None, :]), use_cache=False).logits.numpy()
+
+
+def compare_with_torch(path: Path, model: torch.nn.Module, windows: np.ndarray, label: str) -> dict:
+    """ONNX Runtime on the graph vs the PyTorch module it was exported from (or simulates)."""
+    stats = PairStats()
+    with onnx_runner(path) as runner:
+        for window in tqdm(windows, desc=f"checking {label}", unit="window"):
+            stats.add(torch_logits(model, window), runner.infer(feed(window))["logits"])
+    return stats.summary()
+
+
+def attention_path_noise_floor(model: torch.nn.Module, windows: np.ndarray) -> dict:
+    """The same PyTorch model with SDPA vs eager attention: float-equivalent, differing only in summation order.
+
+    A W8A8 model with per-tensor activation scales is discontinuous (a 1e-6 change can flip a rounding at a
+    Q node, and an outlier channel's smoothed weight turns that one-step flip into a large output change), so
+    two exact implementations of one recipe differ measurably. This is the yardstick for export faithfulness.
+    """
+    from exporters.onnx_export import eager_attention
+
+    stats = PairStats()
+    for window in tqdm(windows, desc="measuring the simulation's noise floor", unit="window"):
+        baseline = torch_logits(model, window)
+        with eager_attention(model):
+            stats.add(baseline, torch_logits(model, window))
+    return stats.summary()
+
+
+def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label: str) -> dict:
+    """Perplexity of both graphs and the candidate's agreement with the reference on the same windows."""
+    ppl_ref, ppl_cand, pair = Perplexity(), Perplexity(), PairStats()
+    with onnx_runner(reference) as ref_runner, onnx_runner(candidate) as cand_runner:
+        for window in tqdm(windows, desc=f"evaluating {label}", unit="window"):
+            ref = ref_runner.infer(feed(window))["logits"]
+            cand = cand_runner.infer(feed(window))["logits"].astype(np.float32)
+            ppl_ref.add(ref, window[None, :])
+            ppl_cand.add(cand, window[None, :])
+            pair.add(ref, cand)
+    ref_ppl, cand_ppl = ppl_ref.value(), ppl_cand.value()
+    return {
+        "perplexity_reference": ref_ppl,
+        "perplexity_candidate": cand_ppl,
+        "perplexity_delta_percent": 100.0 * (cand_ppl / ref_ppl - 1.0),
+        "predicted_tokens": ppl_ref.count,
+        **pair.summary(),
+    }

@@ -1,0 +1,173 @@
+"""Graph structure of the Q/DQ export, its faithfulness in ONNX Runtime, and the TensorRT linter."""
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from calibration.quant import build_plan, fake_quantized, quantize_weight, weight_scales
+from calibration.smoothing import apply_factors, compute_factors, consumer_factors
+from exporters import ExportError
+from exporters.lint import lint_or_raise, lint_qdq
+from exporters.onnx_export import export_model
+from exporters.qdq import LinearQuantization, insert_qdq, module_node_map
+from tests.conftest import calibrated, random_windows, tiny_model
+
+
+def smoothed_and_planned():
+    model = tiny_model()
+    spec, linears, absmax = calibrated(model)
+    factors = compute_factors(model, spec, absmax, alpha=0.8)
+    divided = consumer_factors(model, spec, factors)
+    apply_factors(model, spec, factors)
+    smoothed = {n: a / divided[n] for n, a in absmax.items()}
+    plan = build_plan(linears, smoothed, divided, 0.8, (), (), ("lm_head",))
+    quantizations = []
+    for entry in plan.quantized():
+        w = linears[entry.name].weight
+        s = weight_scales(w)
+        quantizations.append(LinearQuantization(entry.name, quantize_weight(w, s).numpy(), s.numpy(), entry.input_scale))
+    return model, list(linears), plan, quantizations
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model, names, plan, quantizations = smoothed_and_planned()
+    graphs = {}
+    for dtype, scale_dtype in ((torch.float32, np.float32), (torch.float16, np.float16)):
+        graph = export_model(model, dtype, 21, names)
+        insert_qdq(graph, quantizations, scale_dtype)
+        path = tmp_path_factory.mktemp("onnx") / f"{dtype}.onnx"
+        ir.save(graph, path)
+        graphs[dtype] = (graph, path)
+    return model, plan, graphs
+
+
+def run_ort(path, ids):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+
+
+def producer_op(value):
+    return value.producer().op_type if value.producer() is not None else None
+
+
+def test_every_quantized_matmul_has_dq_on_both_inputs_and_int8_weights(exported):
+    _, plan, graphs = exported
+    graph = graphs[torch.float32][0].graph
+    quantized = [n for n in graph if n.op_type == "MatMul" and producer_op(n.inputs[1]) == "DequantizeLinear"]
+    assert len(quantized) == len(plan.quantized()) == 14
+    for node in quantized:
+        assert producer_op(node.inputs[0]) == "DequantizeLinear"
+        assert producer_op(node.inputs[0].producer().inputs[0]) == "QuantizeLinear"
+        weight_dq = node.inputs[1].producer()
+        assert weight_dq.inputs[0].const_value.dtype == ir.DataType.INT8
+        assert weight_dq.attributes["axis"].as_int() == 1
+        assert weight_dq.inputs[1].const_value.shape[0] == weight_dq.inputs[0].const_value.shape[1]
+    # No float copy of a quantized weight is left behind.
+    assert not [n for n in graph.initializers if n.endswith(".weight_t") and "lm_head" not in n]
+
+
+def test_linears_reading_one_tensor_share_one_quantizer(exported):
+    _, _, graphs = exported
+    graph = graphs[torch.float32][0].graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph) == 4 * 2  # qkv, o, gate/up, down per layer
+    nodes = {n.name: n for n in graph}
+    q_input = nodes["/lm/model/layers.0/self_attn/q_proj/MatMul"].inputs[0]
+    assert nodes["/lm/model/layers.0/self_attn/k_proj/MatMul"].inputs[0] is q_input
+    assert nodes["/lm/model/layers.0/self_attn/v_proj/MatMul"].inputs[0] is q_input
+
+
+def test_fp16_graph_stores_fp16_scales_and_stays_fp16(exported):
+    _, _, graphs = exported
+    graph = graphs[torch.float16][0].graph
+    for node in graph:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert node.inputs[1].const_value.dtype == ir.DataType.FLOAT16
+    assert lint_qdq(graphs[torch.float16][0]) == []
+
+
+def test_onnx_runtime_matches_the_pytorch_fake_quant_simulation(exported):
+    model, plan, graphs = exported
+    ids = random_windows(2, 40, seed=3)
+    onnx_logits = run_ort(graphs[torch.float32][1], ids)
+    with fake_quantized(model, plan), torch.no_grad():
+        simulated = model(torch.from_numpy(ids)).logits.numpy()
+        float_logits = None
+    with torch.no_grad():
+        float_logits = model(torch.from_numpy(ids)).logits.numpy()
+    # Same arithmetic up to float summation order: far below the quantization error itself.
+    assert np.abs(onnx_logits - simulated).max() < 1e-4
+    assert np.abs(onnx_logits - float_logits).max() > 1e-3, "the Q/DQ graph must actually quantize"
+    fp16 = run_ort(graphs[torch.float16][1], ids).astype(np.float32)
+    cos = (fp16 * onnx_logits).sum() / np.linalg.norm(fp16) / np.linalg.norm(onnx_logits)
+    assert cos > 0.999
+
+
+def test_module_map_links_modules_to_their_nodes(exported):
+    _, _, graphs = exported
+    mapping = module_node_map(graphs[torch.float32][0])
+    k_nodes = mapping["model.layers.1.self_attn.k_proj"]
+    assert "/lm/model/layers.1/self_attn/k_proj/MatMul" in k_nodes
+    assert "/lm/model/layers.1/self_attn/k_proj/DequantizeLinear_weight" in k_nodes
+    assert "/lm/model/layers.1/self_attn/q_proj/QuantizeLinear_input" in k_nodes  # the shared quantizer feeds k too
+
+
+def broken(exported, mutate):
+    graph = ir.from_proto(ir.to_proto(exported[2][torch.float32][0]))
+    nodes = {n.name: n for n in graph.graph}
+    mutate(graph.graph, nodes)
+    return graph
+
+
+def test_linter_accepts_the_export_and_rejects_a_nonzero_zero_point(exported):
+    assert lint_qdq(exported[2][torch.float32][0]) == []
+
+    def mutate(graph, nodes):
+        zp = graph.initializers["model.layers.0.mlp.down_proj.input_zero_point"]
+        zp.const_value = ir.tensor(np.array(3, np.int8))
+
+    issues = lint_qdq(broken(exported, mutate))
+    assert {i.rule for i in issues} == {"zero-point"}
+    assert "model.layers.0.mlp.down_proj" in str(issues[0])
+
+
+def test_linter_rejects_a_wrong_per_channel_axis(exported):
+    def mutate(graph, nodes):
+        nodes["/lm/model/layers.1/mlp/gate_proj/DequantizeLinear_weight"].attributes["axis"] = ir.AttrInt64("axis", 0)
+
+    issues = lint_qdq(broken(exported, mutate))
+    assert issues and all(i.rule == "axis" for i in issues)
+    assert any("model.layers.1.mlp.gate_proj" in str(i) for i in issues)
+
+
+def test_linter_rejects_a_per_channel_activation_scale(exported):
+    def mutate(graph, nodes):
+        scale = graph.initializers["model.layers.0.self_attn.o_proj.input_scale"]
+        scale.const_value = ir.tensor(np.full(64, 0.1, np.float32))
+
+    issues = lint_qdq(broken(exported, mutate))
+    assert "per-tensor" in {i.rule for i in issues}
+    with pytest.raises(ExportError, match="per-tensor.*o_proj"):
+        lint_or_raise(broken(exported, mutate), "test graph")
+
+
+def test_linter_rejects_a_matmul_with_dq_on_one_input_only(exported):
+    def mutate(graph, nodes):
+        matmul = nodes["/lm/model/layers.0/mlp/down_proj/MatMul"]
+        matmul.replace_input_with(0, matmul.inputs[0].producer().inputs[0].producer().inputs[0])
+
+    issues = lint_qdq(broken(exported, mutate))
+    assert [i.rule for i in issues] == ["gemm-inputs"] or "gemm-inputs" in {i.rule for i in issues}
+    assert any("down_proj" in i.node and i.rule == "gemm-inputs" for i in issues)
+
+
+def test_linter_rejects_zero_and_non_finite_scales(exported):
+    def mutate(graph, nodes):
+        scale = graph.initializers["model.layers.0.mlp.up_proj.weight_scale"]
+        values = scale.const_value.numpy().copy()
+        values[0] = 0.0
+        scale.const_value = ir.tensor(values)
+
+    assert {i.rule for i in lint_qdq(broken(exported, mutate))} == {"scale"}

@@ -1,0 +1,155 @@
+"""End to end through the CLI on a tiny local model: artifacts, report, determinism, resume and bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pipeline.artifacts import atomic_path
+from pipeline.cli import run
+from tests.conftest import tiny_model
+
+SMALL = ["--calib-windows", "4", "--eval-windows", "2", "--seq-len", "32", "--batch-size", "2"]
+
+
+def engine(model_dir, out, corpus, *extra):
+    return run(["engine", "--model", str(model_dir), "--out", str(out), "--calib", str(corpus), *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir, corpus):
+    out = tmp_path_factory.mktemp("run")
+    assert engine(tiny_model_dir, out, corpus) == 0
+    return out
+
+
+def test_engine_writes_every_artifact_and_an_honest_report(finished):
+    for name in ("reference.onnx", "quantized.onnx", "quantized.fp16.onnx", "module_map.json", "quant_plan.json",
+                 "calibration_stats.safetensors", "smoothing_factors.safetensors", "report.json", "report.md",
+                 "manifest.json"):
+        assert (finished / name).is_file(), name
+    report = json.loads((finished / "report.json").read_text())
+    assert report["modules"]["quantized"] == 14
+    assert report["export_faithfulness"]["quantized_onnx_vs_pytorch_fake_quant"]["cosine_min"] > 0.9999
+    assert report["export_faithfulness"]["reference_onnx_vs_pytorch_fp32"]["max_abs_error"] < 1e-4
+    assert report["evaluation"]["predicted_tokens"] == 2 * 31
+    manifest = json.loads((finished / "manifest.json").read_text())
+    assert manifest["config"]["quant"]["alpha"] == 0.8
+    assert manifest["stages"]["calibrate"]["windows_sha256"] == report["calibration"]["windows_sha256"]
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert manifest["stages"]["build"]["status"] == "skipped"
+        assert not (finished / "model.plan").exists()
+        assert "TensorRT engine" in report["not_verified"][0]
+
+
+def test_second_run_resumes_and_changes_nothing(finished, tiny_model_dir, corpus, caplog):
+    before = {p.name: p.stat().st_mtime_ns for p in finished.iterdir() if p.is_file()}
+    caplog.set_level("INFO")
+    assert engine(tiny_model_dir, finished, corpus) == 0
+    for stage in ("calibrate", "quantize", "export", "verify"):
+        assert f"{stage}: up to date" in caplog.text
+    after = {p.name: p.stat().st_mtime_ns for p in finished.iterdir() if p.is_file() and p.name in before}
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == {k: v for k, v in before.items() if k != "manifest.json"}
+
+
+def test_two_runs_give_byte_identical_onnx_and_plan(finished, tiny_model_dir, corpus, tmp_path):
+    assert engine(tiny_model_dir, tmp_path, corpus) == 0
+    for name in ("reference.onnx", "quantized.onnx", "quantized.fp16.onnx", "quant_plan.json"):
+        assert (tmp_path / name).read_bytes() == (finished / name).read_bytes(), name
+
+
+def test_a_changed_alpha_reruns_from_quantize(finished, tiny_model_dir, corpus, tmp_path, caplog):
+    caplog.set_level("INFO")
+    assert engine(tiny_model_dir, finished, corpus, "--alpha", "0.5") == 0
+    assert "calibrate: up to date" in caplog.text and "quantize: up to date" not in caplog.text
+    assert json.loads((finished / "quant_plan.json").read_text())["alpha"] == 0.5
+
+
+def test_an_interrupted_write_leaves_no_artifact(tmp_path):
+    target = tmp_path / "quantized.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def save_model_dir(folder, model, tokenizer=None):
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def assert_one_line_error(capsys, code, *fragments):
+    # Progress bars also go to stderr; the error is the final line, and it is a single line.
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def no_artifacts(out):
+    return not out.exists() or not [p for p in out.rglob("*") if p.suffix in (".onnx", ".partial", ".plan")]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--model", "./missing/model.gguf"], ["not found", "alias"]),
+    (["--alpha", "1.5"], ["ALPHA must be within [0, 1]"]),
+    (["--seq-len", "4096"], ["windows", "longer text"]),
+    (["--skip", "*.no_such_proj"], ["--skip pattern", "matches no quantizable module"]),
+    (["--calib", "missing.txt"], ["does not exist"]),
+])
+def test_bad_options_fail_in_one_line(capsys, tmp_path, tiny_model_dir, corpus, args, fragments):
+    out = tmp_path / "out"
+    base = {"--model": str(tiny_model_dir), "--calib": str(corpus)}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["engine", "--out", str(out), *SMALL] + [x for kv in base.items() for x in kv]
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag not in ("--model", "--calib"):
+            argv += [flag, value]
+    assert_one_line_error(capsys, run(argv), *fragments)
+    assert no_artifacts(out)
+
+
+def test_unwritable_out(capsys, tmp_path, tiny_model_dir, corpus):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_one_line_error(capsys, engine(tiny_model_dir, blocker / "out", corpus), "cannot write to OUT")
+
+
+def test_unsupported_architecture_lists_the_supported_ones(capsys, tmp_path, corpus, tokenizer):
+    config = AutoConfig.for_model("gpt2", vocab_size=320, n_embd=32, n_layer=1, n_head=2)
+    folder = save_model_dir(tmp_path / "gpt2", AutoModelForCausalLM.from_config(config), tokenizer)
+    assert_one_line_error(capsys, engine(folder, tmp_path / "out", corpus), "unsupported architecture 'gpt2'", "llama")
+
+
+def test_missing_tokenizer(capsys, tmp_path, corpus):
+    folder = save_model_dir(tmp_path / "no-tokenizer", tiny_model())
+    assert_one_line_error(capsys, engine(folder, tmp_path / "out", corpus), "no usable tokenizer")
+
+
+def test_nan_weights_are_reported_at_calibration(capsys, tmp_path, corpus, tokenizer):
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate_proj.weight[0, 0] = float("nan")
+    folder = save_model_dir(tmp_path / "nan", model, tokenizer)
+    out = tmp_path / "out"
+    assert_one_line_error(capsys, engine(folder, out, corpus), "NaN/Inf", "model.layers.1")
+    assert not (out / "calibration_stats.safetensors").exists()
+
+
+def test_require_plan_refuses_without_tensorrt(capsys, finished, tiny_model_dir, corpus):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    code = run(["build", "--model", str(tiny_model_dir), "--out", str(finished), "--calib", str(corpus), *SMALL,
+                "--require-plan"])
+    assert_one_line_error(capsys, code, "REQUIRE_PLAN=1", "tensorrt")
