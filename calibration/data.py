@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from tqdm import tqdm
 
 from calibration import CalibrationError
 
-log = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
 
