@@ -66,6 +66,14 @@ def group_key(layer_prefix: str, group: SmoothingGroup) -> str:
     return f"{layer_prefix}.{group.producer}"
 
 
+def layer_groups(model: torch.nn.Module, spec: ArchitectureSpec):
+    """(layer prefix, group, factor key) for every smoothing group of every decoder layer, in order."""
+    for i in range(len(model.get_submodule(spec.layers))):
+        prefix = f"{spec.layers}.{i}"
+        for group in spec.groups:
+            yield prefix, group, group_key(prefix, group)
+
+
 @torch.no_grad()
 def compute_factors(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict[str, torch.Tensor],
                     alpha: float) -> dict[str, torch.Tensor]:
@@ -77,20 +85,18 @@ def compute_factors(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict
     """
     config = model.config
     factors = {}
-    for i, _ in enumerate(model.get_submodule(spec.layers)):
-        prefix = f"{spec.layers}.{i}"
-        for group in spec.groups:
-            names = [f"{prefix}.{c}" for c in group.consumers]
-            missing = [n for n in names if n not in absmax]
-            if missing:
-                raise CalibrationError(f"no calibration statistics for {missing[0]}: re-run calibrate for this model")
-            act = torch.stack([absmax[n] for n in names]).amax(dim=0)
-            weight = torch.stack([model.get_submodule(n).weight.abs().amax(dim=0) for n in names]).amax(dim=0)
-            if group.shared_by_query_heads:
-                heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-                act = share_across_query_heads(act, heads, kv_heads)
-                weight = share_across_query_heads(weight, heads, kv_heads)
-            factors[group_key(prefix, group)] = smoothing_factors(act, weight, alpha)
+    for prefix, group, key in layer_groups(model, spec):
+        names = [f"{prefix}.{c}" for c in group.consumers]
+        missing = [n for n in names if n not in absmax]
+        if missing:
+            raise CalibrationError(f"no calibration statistics for {missing[0]}: re-run calibrate for this model")
+        act = torch.stack([absmax[n] for n in names]).amax(dim=0)
+        weight = torch.stack([model.get_submodule(n).weight.abs().amax(dim=0) for n in names]).amax(dim=0)
+        if group.shared_by_query_heads:
+            heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+            act = share_across_query_heads(act, heads, kv_heads)
+            weight = share_across_query_heads(weight, heads, kv_heads)
+        factors[key] = smoothing_factors(act, weight, alpha)
     return factors
 
 
@@ -104,31 +110,25 @@ def consumer_factor(model: torch.nn.Module, group: SmoothingGroup, s: torch.Tens
 @torch.no_grad()
 def apply_factors(model: torch.nn.Module, spec: ArchitectureSpec, factors: dict[str, torch.Tensor]) -> None:
     """Fold every factor into producer and consumers, in place. The float model's outputs are unchanged."""
-    for i, _ in enumerate(model.get_submodule(spec.layers)):
-        prefix = f"{spec.layers}.{i}"
-        for group in spec.groups:
-            key = group_key(prefix, group)
-            if key not in factors:
-                continue
-            s = factors[key]
-            producer = model.get_submodule(key)
-            if group.kind is Producer.NORM:
-                fold_into_norm(producer, s)
-            else:
-                fold_into_rows(producer, s)
-            for consumer in group.consumers:
-                scale_input_columns(model.get_submodule(f"{prefix}.{consumer}"), consumer_factor(model, group, s))
+    for prefix, group, key in layer_groups(model, spec):
+        if key not in factors:
+            continue
+        s = factors[key]
+        producer = model.get_submodule(key)
+        if group.kind is Producer.NORM:
+            fold_into_norm(producer, s)
+        else:
+            fold_into_rows(producer, s)
+        for consumer in group.consumers:
+            scale_input_columns(model.get_submodule(f"{prefix}.{consumer}"), consumer_factor(model, group, s))
 
 
 def consumer_factors(model: torch.nn.Module, spec: ArchitectureSpec,
                      factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Linear name -> the factor dividing its input channels (absent for linears that were not smoothed)."""
     out = {}
-    for i, _ in enumerate(model.get_submodule(spec.layers)):
-        prefix = f"{spec.layers}.{i}"
-        for group in spec.groups:
-            key = group_key(prefix, group)
-            if key in factors:
-                for consumer in group.consumers:
-                    out[f"{prefix}.{consumer}"] = consumer_factor(model, group, factors[key])
+    for prefix, group, key in layer_groups(model, spec):
+        if key in factors:
+            for consumer in group.consumers:
+                out[f"{prefix}.{consumer}"] = consumer_factor(model, group, factors[key])
     return out
