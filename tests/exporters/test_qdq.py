@@ -94,7 +94,6 @@ def test_onnx_runtime_matches_the_pytorch_fake_quant_simulation(exported):
     onnx_logits = run_ort(graphs[torch.float32][1], ids)
     with fake_quantized(model, plan), torch.no_grad():
         simulated = model(torch.from_numpy(ids)).logits.numpy()
-        float_logits = None
     with torch.no_grad():
         float_logits = model(torch.from_numpy(ids)).logits.numpy()
     # Same arithmetic up to float summation order: far below the quantization error itself.
@@ -159,7 +158,6 @@ def test_linter_rejects_a_matmul_with_dq_on_one_input_only(exported):
         matmul.replace_input_with(0, matmul.inputs[0].producer().inputs[0].producer().inputs[0])
 
     issues = lint_qdq(broken(exported, mutate))
-    assert [i.rule for i in issues] == ["gemm-inputs"] or "gemm-inputs" in {i.rule for i in issues}
     assert any("down_proj" in i.node and i.rule == "gemm-inputs" for i in issues)
 
 
