@@ -43,13 +43,14 @@ SYNTHETIC_PROMPTS = (
 
 @dataclass(frozen=True)
 class TokenWindows:
-    calibration: np.ndarray  # int64 [n_calib, seq_len]
+    calibration: np.ndarray  # int64 [n_calib, seq_len]: activation statistics
+    holdout: np.ndarray  # int64 [n_holdout, seq_len]: same source as calibration, scores tuning choices
     evaluation: np.ndarray  # int64 [n_eval, seq_len]
     calibration_origin: str
     evaluation_origin: str
 
     def digest(self) -> str:
-        return windows_digest(self.calibration, self.evaluation)
+        return windows_digest(self.calibration, self.holdout, self.evaluation)
 
 
 def windows_digest(*arrays: np.ndarray) -> str:
@@ -152,25 +153,32 @@ def synthetic_windows(model, tokenizer, n: int, seq_len: int, seed: int, batch_s
     return np.stack(rows).astype(np.int64)
 
 
-def build_windows(model, tokenizer, calib_source: str, eval_source: str | None, n_calib: int, n_eval: int,
-                  seq_len: int, seed: int) -> TokenWindows:
+def build_windows(model, tokenizer, calib_source: str, eval_source: str | None, n_calib: int, n_holdout: int,
+                  n_eval: int, seq_len: int, seed: int) -> TokenWindows:
+    """Calibration, holdout and evaluation windows.
+
+    The holdout slice comes from the calibration source, just before the calibration windows: tuning (alpha grid,
+    accuracy budget) is scored on it, never on the evaluation text and never on the windows the statistics saw.
+    """
+    n_source = n_calib + n_holdout
     same_file = (eval_source is not None and calib_source != SYNTHETIC
                  and Path(eval_source).resolve() == Path(calib_source).resolve())
+    calib_origin = f"{calib_source}: last {n_calib} windows (holdout: the {n_holdout} before them)"
     if calib_source == SYNTHETIC:
-        n_sampled = n_calib + (n_eval if eval_source is None else 0)
-        sampled = synthetic_windows(model, tokenizer, n_sampled, seq_len, seed)
-        calib = sampled[:n_calib]
-        calib_origin = f"synthetic: {n_calib} windows sampled from the model, seed {seed}"
+        sampled = synthetic_windows(model, tokenizer, n_source + (n_eval if eval_source is None else 0), seq_len, seed)
+        source = sampled[:n_source]
+        calib_origin = f"synthetic: {n_calib} windows sampled from the model, seed {seed} (+{n_holdout} holdout)"
         if eval_source is None:
-            return TokenWindows(calib, sampled[n_calib:], calib_origin,
+            return TokenWindows(source[n_holdout:], source[:n_holdout], sampled[n_source:], calib_origin,
                                 f"synthetic: {n_eval} further samples, held out from calibration")
     else:
         windows = file_windows(tokenizer, Path(calib_source), seq_len)
         if eval_source is None or same_file:
-            calib, evaluation = split_same_source(windows, n_calib, n_eval, calib_source)
-            return TokenWindows(calib, evaluation, f"{calib_source}: last {n_calib} windows",
+            source, evaluation = split_same_source(windows, n_source, n_eval, calib_source)
+            return TokenWindows(source[n_holdout:], source[:n_holdout], evaluation, calib_origin,
                                 f"{calib_source}: first {n_eval} windows, held out from calibration")
-        calib = take_windows(windows[::-1], n_calib, calib_source, "calibration")[::-1]
-        calib_origin = f"{calib_source}: last {n_calib} windows"
+        source = take_windows(windows[::-1], n_source, calib_source, "calibration")[::-1]
     evaluation = take_windows(file_windows(tokenizer, Path(eval_source), seq_len), n_eval, eval_source, "evaluation")
-    return TokenWindows(np.ascontiguousarray(calib), evaluation, calib_origin, f"{eval_source}: first {n_eval} windows")
+    source = np.ascontiguousarray(source)
+    return TokenWindows(source[n_holdout:], source[:n_holdout], evaluation, calib_origin,
+                        f"{eval_source}: first {n_eval} windows")

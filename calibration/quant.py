@@ -58,18 +58,21 @@ class ModuleEntry:
 @dataclass(frozen=True)
 class QuantPlan:
     recipe: str
-    alpha: float
+    alpha: float | str  # the global alpha, or "auto" / "grid" (the chosen values are per module)
+    range_estimator: str = "max"
     modules: tuple[ModuleEntry, ...] = field(default_factory=tuple)
 
     def quantized(self) -> list[ModuleEntry]:
         return [m for m in self.modules if m.status == "quantized"]
 
     def to_json(self) -> dict:
-        return {"recipe": self.recipe, "alpha": self.alpha, "modules": [asdict(m) for m in self.modules]}
+        return {"recipe": self.recipe, "alpha": self.alpha, "range_estimator": self.range_estimator,
+                "modules": [asdict(m) for m in self.modules]}
 
     @classmethod
     def from_json(cls, data: dict) -> "QuantPlan":
-        return cls(data["recipe"], data["alpha"], tuple(ModuleEntry(**m) for m in data["modules"]))
+        return cls(data["recipe"], data["alpha"], data["range_estimator"],
+                   tuple(ModuleEntry(**m) for m in data["modules"]))
 
 
 def select_modules(names: list[str], include: tuple[str, ...], skip: tuple[str, ...]) -> dict[str, str]:
@@ -91,28 +94,30 @@ def select_modules(names: list[str], include: tuple[str, ...], skip: tuple[str, 
     return reasons
 
 
-def build_plan(linears: dict[str, torch.nn.Linear], smoothed_absmax: dict[str, torch.Tensor],
-               input_factors: dict[str, torch.Tensor], alpha: float, include: tuple[str, ...],
-               skip: tuple[str, ...], float_modules: tuple[str, ...]) -> QuantPlan:
-    """`linears` hold smoothed weights; `smoothed_absmax` the input absmax divided by the smoothing factors."""
+def build_plan(linears: dict[str, torch.nn.Linear], input_ranges: dict[str, float],
+               input_factors: dict[str, torch.Tensor], alphas: dict[str, float], alpha_label: float | str,
+               range_estimator: str, include: tuple[str, ...], skip: tuple[str, ...],
+               float_modules: dict[str, str]) -> QuantPlan:
+    """`linears` hold smoothed weights; `input_ranges` the absmax each smoothed input's INT8 scale maps to 127;
+    `alphas` the alpha of each smoothed linear; `float_modules` extra modules kept float, with the reason."""
     reasons = select_modules(list(linears), include, skip)
     entries = []
     for name, linear in linears.items():
         smoothed = name in input_factors
-        common = dict(name=name, smoothed=smoothed, alpha=alpha if smoothed else None,
+        common = dict(name=name, smoothed=smoothed, alpha=alphas.get(name) if smoothed else None,
                       smoothing_factor_max=float(input_factors[name].max()) if smoothed else None)
         if reasons[name]:
             entries.append(ModuleEntry(status="skipped", reason=reasons[name], **common))
             continue
-        absmax = float(smoothed_absmax[name].max())
         w_scales = weight_scales(linear.weight)
         entries.append(ModuleEntry(
-            status="quantized", reason="", input_absmax=absmax, input_scale=activation_scale(absmax),
-            weight_scale_min=float(w_scales.min()), weight_scale_max=float(w_scales.max()), **common))
-    for name in float_modules:
-        entries.append(ModuleEntry(name=name, status="float", reason="kept float by default", smoothed=False, alpha=None))
-    return QuantPlan(recipe="w8a8: int8 per-channel weights, int8 per-tensor static activations", alpha=alpha,
-                     modules=tuple(entries))
+            status="quantized", reason="", input_absmax=input_ranges[name],
+            input_scale=activation_scale(input_ranges[name]), weight_scale_min=float(w_scales.min()),
+            weight_scale_max=float(w_scales.max()), **common))
+    for name, reason in float_modules.items():
+        entries.append(ModuleEntry(name=name, status="float", reason=reason, smoothed=False, alpha=None))
+    return QuantPlan(recipe="w8a8: int8 per-channel weights, int8 per-tensor static activations",
+                     alpha=alpha_label, range_estimator=range_estimator, modules=tuple(entries))
 
 
 class FakeQuantLinear(torch.nn.Module):

@@ -75,28 +75,44 @@ def layer_groups(model: torch.nn.Module, spec: ArchitectureSpec):
 
 
 @torch.no_grad()
+def group_absmax(model: torch.nn.Module, prefix: str, group: SmoothingGroup,
+                 absmax: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activation absmax, weight column absmax) per factor channel of one group, from the current weights.
+
+    Several consumers read one activation, so both are maxed over the consumers; under grouped-query attention
+    the o_proj vectors are reduced to one value per kv_head x head_dim (the v_proj rows a factor can scale).
+    """
+    names = [f"{prefix}.{c}" for c in group.consumers]
+    missing = [n for n in names if n not in absmax]
+    if missing:
+        raise CalibrationError(f"no calibration statistics for {missing[0]}: re-run calibrate for this model")
+    act = torch.stack([absmax[n] for n in names]).amax(dim=0)
+    weight = torch.stack([model.get_submodule(n).weight.abs().amax(dim=0) for n in names]).amax(dim=0)
+    if group.shared_by_query_heads:
+        heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+        act = share_across_query_heads(act, heads, kv_heads)
+        weight = share_across_query_heads(weight, heads, kv_heads)
+    return act, weight
+
+
+def uniform_alpha(model: torch.nn.Module, spec: ArchitectureSpec, alpha: float) -> dict[str, float]:
+    return {key: alpha for _, _, key in layer_groups(model, spec)}
+
+
+@torch.no_grad()
 def compute_factors(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict[str, torch.Tensor],
-                    alpha: float) -> dict[str, torch.Tensor]:
+                    alphas: dict[str, float]) -> dict[str, torch.Tensor]:
     """One factor vector per smoothing group (keyed by the producer's full name), from the unsmoothed weights.
 
+    `alphas` maps each group key to its migration strength (uniform_alpha for one global value).
     All factors come from the original weights, so the result does not depend on folding order
     (up_proj is both a consumer of post_attention_layernorm and the producer for down_proj).
     The vector has the producer's output width (kv_heads * head_dim for v_proj under GQA).
     """
-    config = model.config
     factors = {}
     for prefix, group, key in layer_groups(model, spec):
-        names = [f"{prefix}.{c}" for c in group.consumers]
-        missing = [n for n in names if n not in absmax]
-        if missing:
-            raise CalibrationError(f"no calibration statistics for {missing[0]}: re-run calibrate for this model")
-        act = torch.stack([absmax[n] for n in names]).amax(dim=0)
-        weight = torch.stack([model.get_submodule(n).weight.abs().amax(dim=0) for n in names]).amax(dim=0)
-        if group.shared_by_query_heads:
-            heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-            act = share_across_query_heads(act, heads, kv_heads)
-            weight = share_across_query_heads(weight, heads, kv_heads)
-        factors[key] = smoothing_factors(act, weight, alpha)
+        act, weight = group_absmax(model, prefix, group, absmax)
+        factors[key] = smoothing_factors(act, weight, alphas[key])
     return factors
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from calibration import CalibrationError
 from exporters import ExportError
 from pipeline import PipelineError
-from pipeline.config import BuildConfig, CalibrationConfig, ExportConfig, QuantConfig, RunConfig
+from pipeline.config import RANGE_ESTIMATORS, BuildConfig, CalibrationConfig, ExportConfig, QuantConfig, RunConfig
 from trt_builder import BuildError
 
 USER_ERRORS = (PipelineError, CalibrationError, ExportError, BuildError)
@@ -26,6 +26,14 @@ HELP = {
 }
 
 
+def _alpha(text: str) -> float | str:
+    """A number or one of the search modes; QuantConfig says what is wrong with anything else."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _add_options(p: argparse.ArgumentParser) -> None:
     d_cal, d_q, d_b = CalibrationConfig(), QuantConfig(), BuildConfig()
     p.add_argument("--model", default="smollm2-135m", help="hub id, local HF folder, .gguf file or alias")
@@ -37,7 +45,14 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=d_cal.seq_len)
     p.add_argument("--seed", type=int, default=d_cal.seed)
     p.add_argument("--batch-size", type=int, default=d_cal.batch_size, help="calibration batch size")
-    p.add_argument("--alpha", type=float, default=d_q.alpha, help="SmoothQuant migration strength in [0, 1]")
+    p.add_argument("--alpha", type=_alpha, default=d_q.alpha,
+                   help="SmoothQuant migration strength: a number in [0, 1] for every layer, 'auto' (per-group search "
+                        "on calibration inputs) or 'grid' (best global value on the holdout windows)")
+    p.add_argument("--range-estimator", default=d_q.range_estimator, choices=RANGE_ESTIMATORS,
+                   help="activation range: calibration max, a percentile of |x|, or the MSE-optimal clipping")
+    p.add_argument("--percentile", type=float, default=d_q.percentile, help="percentile for --range-estimator percentile")
+    p.add_argument("--holdout-windows", type=int, default=d_cal.holdout_windows,
+                   help="calibration-source windows kept out of the statistics to score tuning choices")
     p.add_argument("--no-smooth", action="store_true", help="naive W8A8 without SmoothQuant (for comparison)")
     p.add_argument("--include", action="append", default=[], help="quantize only modules matching this glob")
     p.add_argument("--skip", action="append", default=[], help="keep modules matching this glob in float")
@@ -63,9 +78,10 @@ def config_from(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         model=args.model,
         out=out,
-        calibration=CalibrationConfig(args.calib, args.eval, args.calib_windows, args.eval_windows, args.seq_len,
-                                      args.seed, args.batch_size),
-        quant=QuantConfig(args.alpha, not args.no_smooth, tuple(args.include), tuple(args.skip)),
+        calibration=CalibrationConfig(args.calib, args.eval, args.calib_windows, args.holdout_windows,
+                                      args.eval_windows, args.seq_len, args.seed, args.batch_size),
+        quant=QuantConfig(args.alpha, not args.no_smooth, tuple(args.include), tuple(args.skip),
+                          args.range_estimator, args.percentile),
         export=ExportConfig(),
         build=BuildConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, require_plan=args.require_plan),
     )

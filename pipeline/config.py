@@ -16,27 +16,47 @@ class CalibrationConfig:
     source: str = "synthetic"
     eval_source: str | None = None
     windows: int = 64
+    holdout_windows: int = 4  # from the calibration source, for scoring tuning choices (alpha grid, budget)
     eval_windows: int = 16
     seq_len: int = 512
     seed: int = 0
     batch_size: int = 4
 
     def __post_init__(self):
-        for name in ("windows", "eval_windows", "seq_len", "batch_size"):
+        for name in ("windows", "holdout_windows", "eval_windows", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be at least 1 (got {getattr(self, name)})")
 
 
+ALPHA_MODES = ("auto", "grid")
+RANGE_ESTIMATORS = ("max", "percentile", "mse")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    alpha: float = 0.8
+    # A number in [0, 1] for every group; "auto": per-group search on calibration inputs; "grid": the global
+    # value of alpha_grid with the lowest fake-quant perplexity on the holdout windows.
+    alpha: float | str = 0.8
     smooth: bool = True
     include: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
+    range_estimator: str = "max"
+    percentile: float = 99.99
+    search_windows: int = 8  # calibration windows seen by the per-group search and the range estimators
+    alpha_grid: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
     def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0:
+        if isinstance(self.alpha, str) and self.alpha not in ALPHA_MODES:
+            raise PipelineError(f"ALPHA must be a number within [0, 1], 'auto' or 'grid' (got '{self.alpha}')")
+        if not isinstance(self.alpha, str) and not 0.0 <= self.alpha <= 1.0:
             raise PipelineError(f"ALPHA must be within [0, 1] (got {self.alpha}): 0.8 is a good start for Llama models")
+        if self.range_estimator not in RANGE_ESTIMATORS:
+            raise PipelineError(f"unknown range estimator '{self.range_estimator}': choose one of "
+                                f"{', '.join(RANGE_ESTIMATORS)}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise PipelineError(f"percentile must be within (0, 100] (got {self.percentile}): try 99.99")
+        if self.search_windows < 1:
+            raise PipelineError(f"search_windows must be at least 1 (got {self.search_windows})")
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibration.data import build_windows
-from calibration.quant import QuantPlan, build_plan, fake_quantized, quantize_weight, weight_scales
-from calibration.smoothing import apply_factors, compute_factors, consumer_factors
+from calibration.quant import QuantPlan, fake_quantized, quantize_weight, weight_scales
+from calibration.recipe import smooth_and_plan
+from calibration.smoothing import apply_factors
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
 from exporters.lint import check_onnx_file, lint_or_raise
 from exporters.onnx_export import export_model
 from exporters.qdq import LinearQuantization, insert_qdq, module_node_map
-from pipeline import models, report, verify
+from pipeline import models, report, tuning, verify
 from pipeline.artifacts import StageRecords, atomic_path, prepare_out, read_json, versions, write_json
 from pipeline.config import RunConfig, digest
 from trt_builder import BuildError
@@ -38,7 +39,9 @@ QUANTIZED = "quantized.onnx"  # FP32 graph + INT8 Q/DQ, for ONNX Runtime on CPU
 QUANTIZED_FP16 = "quantized.fp16.onnx"  # FP16 graph + INT8 Q/DQ with FP16 scales, for TensorRT
 MODULE_MAP = "module_map.json"
 ENGINE = "model.plan"
-FLOAT_MODULES = ("model.embed_tokens", "lm_head")  # kept float by default: embedding lookup and vocab projection
+ALPHA_CHOICE = "alpha_choice.json"
+# Kept float by default: the embedding is a lookup (no GEMM) and the vocab projection is the most sensitive GEMM.
+FLOAT_MODULES = {"model.embed_tokens": "embedding lookup, kept float", "lm_head": "vocab projection, kept float"}
 FAITHFULNESS_WINDOWS = 4
 FP16_GRAPH_WINDOWS = 2
 
@@ -92,14 +95,14 @@ def calibrate(run: Run) -> None:
     if _up_to_date(run, "calibrate", key):
         return
     model, tokenizer, spec = run.model()
-    windows = build_windows(model, tokenizer, cfg.source, cfg.eval_source, cfg.windows, cfg.eval_windows,
-                            cfg.seq_len, cfg.seed)
+    windows = build_windows(model, tokenizer, cfg.source, cfg.eval_source, cfg.windows, cfg.holdout_windows,
+                            cfg.eval_windows, cfg.seq_len, cfg.seed)
     absmax = collect_input_absmax(model, quantizable_linears(model, spec), windows.calibration, cfg.batch_size)
     details = {"calibration_origin": windows.calibration_origin, "evaluation_origin": windows.evaluation_origin,
                "windows_sha256": windows.digest(), "seed": cfg.seed}
     with atomic_path(run.path(WINDOWS)) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, calibration=windows.calibration, evaluation=windows.evaluation)
+            np.savez(f, calibration=windows.calibration, holdout=windows.holdout, evaluation=windows.evaluation)
     with atomic_path(run.path(STATS)) as tmp:
         save_stats(absmax, tmp, {"windows_sha256": windows.digest()})
     run.records.complete("calibrate", key, [WINDOWS, STATS], details)
@@ -113,19 +116,22 @@ def quantize(run: Run) -> QuantPlan:
     key = digest("quantize", run.records.key("calibrate"), cfg)
     if _up_to_date(run, "quantize", key):
         return QuantPlan.from_json(read_json(run.path(PLAN)))
-    model, _, spec = run.model()
+    _, _, spec = run.model()
     absmax = load_stats(run.path(STATS))
-    factors = compute_factors(model, spec, absmax, cfg.alpha) if cfg.smooth else {}
-    input_factors = consumer_factors(model, spec, factors)
-    apply_factors(model, spec, factors)  # weight scales are those of the smoothed weights
-    smoothed_absmax = {n: a / input_factors[n] if n in input_factors else a for n, a in absmax.items()}
-    plan = build_plan(quantizable_linears(model, spec), smoothed_absmax, input_factors, cfg.alpha, cfg.include,
-                      cfg.skip, FLOAT_MODULES)
+    windows = np.load(run.path(WINDOWS))
+    batch = run.config.calibration.batch_size
+    alphas, choice = tuning.choose_alphas(lambda: run.model()[0], spec, absmax, cfg, windows["calibration"],
+                                          windows["holdout"], batch, FLOAT_MODULES)
+    model, _, _ = run.model()
+    factors, plan = smooth_and_plan(model, spec, absmax, tuning.recipe_for(cfg, alphas, cfg.alpha),
+                                    windows["calibration"][: cfg.search_windows], batch, FLOAT_MODULES)
     with atomic_path(run.path(FACTORS)) as tmp:
         save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
     write_json(run.path(PLAN), plan.to_json())
-    run.records.complete("quantize", key, [FACTORS, PLAN])
-    run.update_manifest("quantize", "done", quantized=len(plan.quantized()))
+    write_json(run.path(ALPHA_CHOICE), choice)
+    run.records.complete("quantize", key, [FACTORS, PLAN, ALPHA_CHOICE])
+    run.update_manifest("quantize", "done", quantized=len(plan.quantized()), alpha_mode=choice["mode"],
+                        range_estimator=cfg.range_estimator)
     report.print_plan(plan)
     return plan
 

@@ -46,11 +46,13 @@ def test_missing_file(tmp_path):
 
 
 def test_file_windows_are_token_slices(tokenizer, corpus):
-    w = build_windows(None, tokenizer, str(corpus), None, n_calib=3, n_eval=2, seq_len=16, seed=0)
+    w = build_windows(None, tokenizer, str(corpus), None, n_calib=3, n_holdout=2, n_eval=2, seq_len=16, seed=0)
     ids = tokenizer(corpus.read_text(), add_special_tokens=False)["input_ids"]
     assert w.evaluation.tolist() == [ids[:16], ids[16:32]]
     n = len(ids) // 16
     assert w.calibration[-1].tolist() == ids[(n - 1) * 16 : n * 16]
+    # the holdout is the two windows just before the three calibration windows: same source, no overlap
+    assert w.holdout.tolist() == [ids[(n - 5) * 16 : (n - 4) * 16], ids[(n - 4) * 16 : (n - 3) * 16]]
     assert "held out" in w.evaluation_origin
 
 
@@ -58,9 +60,9 @@ def test_synthetic_windows_are_seeded_samples_of_the_model(tokenizer):
     from tests.conftest import tiny_model
 
     model = tiny_model(outliers=False)
-    a = build_windows(model, tokenizer, "synthetic", None, n_calib=3, n_eval=1, seq_len=48, seed=7)
-    b = build_windows(model, tokenizer, "synthetic", None, n_calib=3, n_eval=1, seq_len=48, seed=7)
-    c = build_windows(model, tokenizer, "synthetic", None, n_calib=3, n_eval=1, seq_len=48, seed=8)
-    assert a.calibration.shape == (3, 48) and a.evaluation.shape == (1, 48)
+    a = build_windows(model, tokenizer, "synthetic", None, n_calib=3, n_holdout=1, n_eval=1, seq_len=48, seed=7)
+    b = build_windows(model, tokenizer, "synthetic", None, n_calib=3, n_holdout=1, n_eval=1, seq_len=48, seed=7)
+    c = build_windows(model, tokenizer, "synthetic", None, n_calib=3, n_holdout=1, n_eval=1, seq_len=48, seed=8)
+    assert a.calibration.shape == (3, 48) and a.holdout.shape == (1, 48) and a.evaluation.shape == (1, 48)
     assert a.digest() == b.digest() != c.digest()
-    assert len({tuple(r) for r in a.calibration}) == 3  # different prompts, different windows
+    assert len({tuple(r) for r in a.calibration} | {tuple(a.holdout[0])}) == 4  # different prompts, different windows

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from calibration.smoothing import (apply_factors, compute_factors, consumer_factors, expand_to_query_heads,
-                                   share_across_query_heads, smoothing_factors)
+                                   share_across_query_heads, smoothing_factors, uniform_alpha)
 from calibration.stats import collect_input_absmax
 from tests.conftest import calibrated, random_windows, tiny_model
 
@@ -30,7 +30,7 @@ def test_smoothing_keeps_the_float_model_equivalent(model_type):
     spec, _, absmax = calibrated(model)
     ids = torch.from_numpy(random_windows(2, 48, seed=1))
     before = model(ids).logits
-    factors = compute_factors(model, spec, absmax, alpha=0.8)
+    factors = compute_factors(model, spec, absmax, uniform_alpha(model, spec, 0.8))
     assert len(factors) == 4 * model.config.num_hidden_layers
     assert any(f.max() > 2 for f in factors.values()), "the planted outliers should give large factors"
     apply_factors(model, spec, factors)
@@ -41,7 +41,7 @@ def test_smoothing_keeps_the_float_model_equivalent(model_type):
 def test_smoothed_statistics_are_the_statistics_divided_by_the_factors():
     model = tiny_model()
     spec, linears, absmax = calibrated(model)
-    factors = compute_factors(model, spec, absmax, alpha=0.8)
+    factors = compute_factors(model, spec, absmax, uniform_alpha(model, spec, 0.8))
     divided = consumer_factors(model, spec, factors)
     apply_factors(model, spec, factors)
     measured = collect_input_absmax(model, linears, random_windows())
@@ -52,7 +52,7 @@ def test_smoothed_statistics_are_the_statistics_divided_by_the_factors():
 def test_smoothing_flattens_the_outlier_channels():
     model = tiny_model()
     spec, linears, absmax = calibrated(model)
-    factors = compute_factors(model, spec, absmax, alpha=0.8)
+    factors = compute_factors(model, spec, absmax, uniform_alpha(model, spec, 0.8))
     divided = consumer_factors(model, spec, factors)
     name = "model.layers.0.self_attn.q_proj"
     ratio_before = absmax[name].max() / absmax[name].median()

@@ -6,8 +6,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from calibration.quant import build_plan, fake_quantized, quantize_weight, weight_scales
-from calibration.smoothing import apply_factors, compute_factors, consumer_factors
+from calibration.quant import fake_quantized, quantize_weight, weight_scales
+from calibration.recipe import Recipe, smooth_and_plan
+from calibration.smoothing import uniform_alpha
 from exporters import ExportError
 from exporters.lint import lint_or_raise, lint_qdq
 from exporters.onnx_export import export_model
@@ -18,11 +19,8 @@ from tests.conftest import calibrated, random_windows, tiny_model
 def smoothed_and_planned():
     model = tiny_model()
     spec, linears, absmax = calibrated(model)
-    factors = compute_factors(model, spec, absmax, alpha=0.8)
-    divided = consumer_factors(model, spec, factors)
-    apply_factors(model, spec, factors)
-    smoothed = {n: a / divided[n] for n, a in absmax.items()}
-    plan = build_plan(linears, smoothed, divided, 0.8, (), (), ("lm_head",))
+    _, plan = smooth_and_plan(model, spec, absmax, Recipe(uniform_alpha(model, spec, 0.8), 0.8), random_windows(),
+                              4, {"lm_head": "kept float"})
     quantizations = []
     for entry in plan.quantized():
         w = linears[entry.name].weight

@@ -1,0 +1,97 @@
+"""Per-group automatic SmoothQuant alpha: for each smoothing group pick the migration strength whose W8A8
+simulation best reproduces the group's float outputs on real calibration inputs.
+
+The SmoothQuant paper tunes one alpha per model (sec. 4, "migration strength"); follow-ups (Neural Compressor's
+auto-alpha, SmoothQuant+) show that the best value differs per layer. The objective here is local and cheap:
+sum over the group's linears of ||X W^T - Q(X / s) Q(W diag(s))^T||^2 / ||X W^T||^2, with the per-tensor
+activation scale taken from the full calibration statistics (the scale the exported graph will carry).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from calibration.architectures import ArchitectureSpec
+from calibration.quant import activation_scale, fake_quant_activation, quantize_weight, weight_scales
+from calibration.smoothing import consumer_factor, group_absmax, layer_groups, smoothing_factors
+
+DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(6, 21))  # 0.30 .. 1.00
+
+
+@torch.no_grad()
+def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+    scales = weight_scales(weight)
+    return quantize_weight(weight, scales).float() * scales[:, None]
+
+
+@torch.no_grad()
+def quantized_output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor,
+                           act_absmax: torch.Tensor) -> float:
+    """Relative squared error of the group's outputs under W8A8 after smoothing with consumer-side factor s.
+
+    x: [tokens, in] float inputs; weights: the consumers' unsmoothed [out, in] weights; act_absmax: per-channel
+    calibration absmax of x (fixes the per-tensor scale of X / s).
+    """
+    xq = fake_quant_activation(x / s, activation_scale(float((act_absmax / s).max())))
+    error = 0.0
+    for w in weights:
+        y = x @ w.T
+        y_q = xq @ fake_quant_weight(w * s[None, :]).T
+        error += float((y_q - y).pow(2).sum() / y.pow(2).sum().clamp(min=1e-30))
+    return error
+
+
+@dataclass(frozen=True)
+class GroupChoice:
+    alpha: float
+    error: float
+    error_at: dict[float, float]  # alpha -> objective, for the report
+
+
+@torch.no_grad()
+def best_alpha(x: torch.Tensor, model: torch.nn.Module, prefix: str, group, absmax: dict[str, torch.Tensor],
+               grid: tuple[float, ...]) -> GroupChoice:
+    weights = [model.get_submodule(f"{prefix}.{c}").weight.float() for c in group.consumers]
+    act_per_input = torch.stack([absmax[f"{prefix}.{c}"] for c in group.consumers]).amax(dim=0)
+    act, weight = group_absmax(model, prefix, group, absmax)
+    errors = {}
+    for alpha in grid:
+        s = consumer_factor(model, group, smoothing_factors(act, weight, alpha))
+        errors[alpha] = quantized_output_error(x.float(), weights, s, act_per_input)
+    chosen = min(grid, key=lambda a: (errors[a], -a))
+    return GroupChoice(chosen, errors[chosen], errors)
+
+
+@torch.no_grad()
+def search_alphas(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict[str, torch.Tensor],
+                  windows: np.ndarray, grid: tuple[float, ...] = DEFAULT_GRID) -> dict[str, GroupChoice]:
+    """Group key -> chosen alpha, from one forward pass of `windows` over the unsmoothed model.
+
+    Each group is searched inside a pre-hook on its first consumer, on that call's inputs, which are then
+    dropped: memory holds one group's activations, not the whole model's. `windows` go in as one batch so the
+    hook sees every search token at once.
+    """
+    choices: dict[str, GroupChoice] = {}
+    groups = list(layer_groups(model, spec))
+    progress = tqdm(total=len(groups), desc="searching alpha per group", unit="group")
+
+    def make_hook(prefix, group, key):
+        def hook(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            choices[key] = best_alpha(x, model, prefix, group, absmax, grid)
+            progress.update(1)
+        return hook
+
+    handles = [model.get_submodule(f"{prefix}.{group.consumers[0]}").register_forward_pre_hook(make_hook(prefix, group, key))
+               for prefix, group, key in groups]
+    try:
+        model(input_ids=torch.from_numpy(windows), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+        progress.close()
+    return choices

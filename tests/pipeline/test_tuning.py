@@ -1,0 +1,61 @@
+"""Alpha modes and range estimators through the CLI (calibrate + quantize on a tiny local model)."""
+
+import json
+
+import pytest
+
+from calibration.alpha_search import DEFAULT_GRID
+from pipeline.cli import run
+from tests.pipeline.test_cli import SMALL
+
+
+def quantize(model_dir, out, corpus, *extra):
+    common = ["--model", str(model_dir), "--out", str(out), "--calib", str(corpus), *SMALL, *extra]
+    assert run(["calibrate", *common]) == 0
+    assert run(["quantize", *common]) == 0
+    return json.loads((out / "quant_plan.json").read_text()), json.loads((out / "alpha_choice.json").read_text())
+
+
+def test_auto_alpha_writes_each_groups_choice_into_the_plan(tiny_model_dir, corpus, tmp_path):
+    plan, choice = quantize(tiny_model_dir, tmp_path, corpus, "--alpha", "auto")
+    assert plan["alpha"] == "auto" and choice["mode"] == "auto"
+    assert len(choice["groups"]) == 2 * 4  # two layers, four smoothing groups each
+    by_module = {m["name"]: m for m in plan["modules"]}
+    for key, group in choice["groups"].items():
+        assert group["alpha"] in DEFAULT_GRID
+        assert group["error"] == min(group["error_at"].values())
+    layer = "model.layers.1"
+    for consumer in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        assert by_module[f"{layer}.{consumer}"]["alpha"] == choice["groups"][f"{layer}.input_layernorm"]["alpha"]
+    assert by_module[f"{layer}.mlp.down_proj"]["alpha"] == choice["groups"][f"{layer}.mlp.up_proj"]["alpha"]
+
+
+def test_grid_alpha_picks_the_lowest_holdout_perplexity(tiny_model_dir, corpus, tmp_path):
+    plan, choice = quantize(tiny_model_dir, tmp_path, corpus, "--alpha", "grid")
+    scores = {float(a): p for a, p in choice["holdout_perplexity"].items()}
+    assert choice["alpha"] == min(scores, key=scores.get)
+    assert len(scores) == 8 and choice["holdout_windows"] == 4
+    assert {m["alpha"] for m in plan["modules"] if m["smoothed"]} == {choice["alpha"]}
+
+
+def test_percentile_ranges_clip_and_are_recorded(tiny_model_dir, corpus, tmp_path):
+    by_max, _ = quantize(tiny_model_dir, tmp_path / "max", corpus)
+    clipped, _ = quantize(tiny_model_dir, tmp_path / "p99", corpus, "--range-estimator", "percentile",
+                          "--percentile", "99")
+    assert by_max["range_estimator"] == "max" and clipped["range_estimator"] == "percentile"
+    pairs = [(a["input_absmax"], b["input_absmax"]) for a, b in zip(by_max["modules"], clipped["modules"])
+             if a["status"] == "quantized"]
+    assert all(p <= m for m, p in pairs) and any(p < 0.9 * m for m, p in pairs)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--alpha", "best"], "ALPHA must be a number within [0, 1], 'auto' or 'grid' (got 'best')"),
+    (["--percentile", "0"], "percentile must be within (0, 100]"),
+    (["--holdout-windows", "0"], "holdout_windows must be at least 1"),
+])
+def test_bad_tuning_options_are_one_line_errors(tiny_model_dir, corpus, tmp_path, capsys, argv, message):
+    code = run(["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--calib", str(corpus), *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
