@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -118,6 +118,14 @@ def build_plan(linears: dict[str, torch.nn.Linear], input_ranges: dict[str, floa
         entries.append(ModuleEntry(name=name, status="float", reason=reason, smoothed=False, alpha=None))
     return QuantPlan(recipe="w8a8: int8 per-channel weights, int8 per-tensor static activations",
                      alpha=alpha_label, range_estimator=range_estimator, modules=tuple(entries))
+
+
+def keep_float(plan: QuantPlan, reasons: dict[str, str]) -> QuantPlan:
+    """The plan with the named quantized modules turned back to float (no Q/DQ), each with its reason."""
+    modules = tuple(replace(m, status="skipped", reason=reasons[m.name], input_absmax=None, input_scale=None,
+                            weight_scale_min=None, weight_scale_max=None) if m.name in reasons else m
+                    for m in plan.modules)
+    return replace(plan, modules=modules)
 
 
 class FakeQuantLinear(torch.nn.Module):

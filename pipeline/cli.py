@@ -51,6 +51,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--range-estimator", default=d_q.range_estimator, choices=RANGE_ESTIMATORS,
                    help="activation range: calibration max, a percentile of |x|, or the MSE-optimal clipping")
     p.add_argument("--percentile", type=float, default=d_q.percentile, help="percentile for --range-estimator percentile")
+    p.add_argument("--accuracy-budget", type=float, default=None, metavar="PERCENT",
+                   help="keep the fewest activation groups float so holdout perplexity stays within PERCENT of float")
     p.add_argument("--holdout-windows", type=int, default=d_cal.holdout_windows,
                    help="calibration-source windows kept out of the statistics to score tuning choices")
     p.add_argument("--no-smooth", action="store_true", help="naive W8A8 without SmoothQuant (for comparison)")
@@ -81,7 +83,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         calibration=CalibrationConfig(args.calib, args.eval, args.calib_windows, args.holdout_windows,
                                       args.eval_windows, args.seq_len, args.seed, args.batch_size),
         quant=QuantConfig(args.alpha, not args.no_smooth, tuple(args.include), tuple(args.skip),
-                          args.range_estimator, args.percentile),
+                          args.range_estimator, args.percentile, accuracy_budget=args.accuracy_budget),
         export=ExportConfig(),
         build=BuildConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, require_plan=args.require_plan),
     )

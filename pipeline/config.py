@@ -44,6 +44,7 @@ class QuantConfig:
     percentile: float = 99.99
     search_windows: int = 8  # calibration windows seen by the per-group search and the range estimators
     alpha_grid: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+    accuracy_budget: float | None = None  # percent of holdout perplexity; None: quantize every selected linear
 
     def __post_init__(self):
         if isinstance(self.alpha, str) and self.alpha not in ALPHA_MODES:
@@ -55,6 +56,9 @@ class QuantConfig:
                                 f"{', '.join(RANGE_ESTIMATORS)}")
         if not 0.0 < self.percentile <= 100.0:
             raise PipelineError(f"percentile must be within (0, 100] (got {self.percentile}): try 99.99")
+        if self.accuracy_budget is not None and not self.accuracy_budget > 0:
+            raise PipelineError(f"accuracy budget must be a positive perplexity percentage (got {self.accuracy_budget}): "
+                                "e.g. --accuracy-budget 1")
         if self.search_windows < 1:
             raise PipelineError(f"search_windows must be at least 1 (got {self.search_windows})")
 

@@ -19,8 +19,21 @@ def faithful(quantized_vs_sim: dict) -> bool:
     return quantized_vs_sim["cosine_min"] >= FAITHFUL_COSINE or deviation <= 2.0 * floor
 
 
+def tuning_summary(plan: QuantPlan, alpha_choice: dict, budget: dict | None) -> dict:
+    alphas = [m.alpha for m in plan.modules if m.alpha is not None]
+    summary = {"alpha_mode": alpha_choice.get("mode"), "range_estimator": plan.range_estimator,
+               "alpha_min": min(alphas, default=None), "alpha_max": max(alphas, default=None),
+               "alpha_mean": sum(alphas) / len(alphas) if alphas else None}
+    if "holdout_perplexity" in alpha_choice:
+        summary["grid_holdout_perplexity"] = alpha_choice["holdout_perplexity"]
+    if budget is not None:
+        summary["accuracy_budget"] = {k: budget.get(k) for k in ("budget_percent", "reference_perplexity",
+                                      "all_quantized_perplexity", "final_perplexity", "kept_float", "met")}
+    return summary
+
+
 def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: dict, reference_vs_torch: dict,
-                 quantized_vs_sim: dict, fp16_graph: dict) -> dict:
+                 quantized_vs_sim: dict, fp16_graph: dict, tuning: dict) -> dict:
     stages = manifest.get("stages", {})
     calib = stages.get("calibrate", {})
     build = stages.get("build", {"status": "not run"})
@@ -30,6 +43,7 @@ def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: d
         "recipe": plan.recipe,
         "alpha": plan.alpha,
         "smoothing": config.quant.smooth,
+        "tuning": tuning,
         "modules": {"quantized": len(quantized), "skipped": sum(m.status == "skipped" for m in plan.modules),
                     "float": sum(m.status == "float" for m in plan.modules)},
         "calibration": {"origin": calib.get("calibration_origin"), "windows": config.calibration.windows,
@@ -70,6 +84,8 @@ def render_markdown(r: dict) -> str:
         f"Recipe: {r['recipe']}; SmoothQuant {'on, alpha ' + str(r['alpha']) if r['smoothing'] else 'off'}; "
         f"{r['modules']['quantized']} linears quantized, {r['modules']['skipped']} skipped, "
         f"{r['modules']['float']} modules float.",
+        "",
+        _tuning_line(r["tuning"]),
         "",
         f"Calibration: {r['calibration']['origin']} ({r['calibration']['windows']} x {r['calibration']['seq_len']} "
         f"tokens, sha256 {str(r['calibration']['windows_sha256'])[:16]}).",
@@ -117,6 +133,20 @@ def render_markdown(r: dict) -> str:
     if r["not_verified"]:
         lines += ["", "## Not verified", ""] + [f"- {item}" for item in r["not_verified"]]
     return "\n".join(lines) + "\n"
+
+
+def _tuning_line(t: dict) -> str:
+    line = f"Tuning: alpha {t['alpha_mode']}"
+    if t["alpha_min"] is not None:
+        line += f" (per module {t['alpha_min']:.2f}..{t['alpha_max']:.2f}, mean {t['alpha_mean']:.3f})"
+    line += f"; activation ranges: {t['range_estimator']}."
+    b = t.get("accuracy_budget")
+    if b:
+        line += (f" Accuracy budget {b['budget_percent']}% of holdout perplexity: {len(b['kept_float'])} activation "
+                 f"groups kept float ({', '.join(b['kept_float']) or 'none'}); holdout perplexity "
+                 f"{b['all_quantized_perplexity']:.4f} -> {b['final_perplexity']:.4f} vs float "
+                 f"{b['reference_perplexity']:.4f}" + ("" if b.get("met", True) else " (budget NOT met)") + ".")
+    return line
 
 
 def print_plan(plan: QuantPlan) -> None:

@@ -24,6 +24,7 @@ from exporters.lint import check_onnx_file, lint_or_raise
 from exporters.onnx_export import export_model
 from exporters.qdq import LinearQuantization, insert_qdq, module_node_map
 from pipeline import models, report, tuning, verify
+from pipeline.budget import fit_budget
 from pipeline.artifacts import StageRecords, atomic_path, prepare_out, read_json, versions, write_json
 from pipeline.config import RunConfig, digest
 from trt_builder import BuildError
@@ -40,6 +41,7 @@ QUANTIZED_FP16 = "quantized.fp16.onnx"  # FP16 graph + INT8 Q/DQ with FP16 scale
 MODULE_MAP = "module_map.json"
 ENGINE = "model.plan"
 ALPHA_CHOICE = "alpha_choice.json"
+BUDGET = "accuracy_budget.json"
 # Kept float by default: the embedding is a lookup (no GEMM) and the vocab projection is the most sensitive GEMM.
 FLOAT_MODULES = {"model.embed_tokens": "embedding lookup, kept float", "lm_head": "vocab projection, kept float"}
 FAITHFULNESS_WINDOWS = 4
@@ -125,11 +127,20 @@ def quantize(run: Run) -> QuantPlan:
     model, _, _ = run.model()
     factors, plan = smooth_and_plan(model, spec, absmax, tuning.recipe_for(cfg, alphas, cfg.alpha),
                                     windows["calibration"][: cfg.search_windows], batch, FLOAT_MODULES)
+    outputs = [FACTORS, PLAN, ALPHA_CHOICE]
+    if cfg.accuracy_budget is not None:
+        plan, evidence = fit_budget(model, spec, plan, windows["holdout"], batch, cfg.accuracy_budget)
+        if not evidence.get("met", True):
+            log.warning("quantize: accuracy budget %.2f%% NOT met on the holdout (%.4f vs %.4f float); the plan keeps "
+                        "%d groups float", cfg.accuracy_budget, evidence["final_perplexity"],
+                        evidence["reference_perplexity"], len(evidence["kept_float"]))
+        write_json(run.path(BUDGET), evidence)
+        outputs.append(BUDGET)
     with atomic_path(run.path(FACTORS)) as tmp:
         save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
     write_json(run.path(PLAN), plan.to_json())
     write_json(run.path(ALPHA_CHOICE), choice)
-    run.records.complete("quantize", key, [FACTORS, PLAN, ALPHA_CHOICE])
+    run.records.complete("quantize", key, outputs)
     run.update_manifest("quantize", "done", quantized=len(plan.quantized()), alpha_mode=choice["mode"],
                         range_estimator=cfg.range_estimator)
     report.print_plan(plan)
@@ -229,7 +240,10 @@ def verify_stage(run: Run) -> dict:
     fp16_graph = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED_FP16), evaluation[:FP16_GRAPH_WINDOWS],
                                        "reference vs FP16 Q/DQ ONNX (TensorRT graph)")
     manifest = read_json(run.path("manifest.json"))
-    result = report.build_report(run.config, manifest, plan, accuracy, reference_vs_torch, quantized_vs_sim, fp16_graph)
+    budget = read_json(run.path(BUDGET)) if run.config.quant.accuracy_budget is not None else None
+    tuning_summary = report.tuning_summary(plan, read_json(run.path(ALPHA_CHOICE)), budget)
+    result = report.build_report(run.config, manifest, plan, accuracy, reference_vs_torch, quantized_vs_sim, fp16_graph,
+                                 tuning_summary)
     write_json(run.path("report.json"), result)
     with atomic_path(run.path("report.md")) as tmp:
         tmp.write_text(report.render_markdown(result))

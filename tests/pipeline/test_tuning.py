@@ -5,6 +5,7 @@ import json
 import pytest
 
 from calibration.alpha_search import DEFAULT_GRID
+from calibration.architectures import LLAMA_FAMILY
 from pipeline.cli import run
 from tests.pipeline.test_cli import SMALL
 
@@ -59,3 +60,28 @@ def test_bad_tuning_options_are_one_line_errors(tiny_model_dir, corpus, tmp_path
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_accuracy_budget_keeps_the_costliest_groups_float_until_met(tiny_model_dir, corpus, tmp_path):
+    plan, _ = quantize(tiny_model_dir, tmp_path, corpus, "--accuracy-budget", "0.05")
+    evidence = json.loads((tmp_path / "accuracy_budget.json").read_text())
+    assert len(evidence["unit_cost_percent"]) == 2 * 4
+    assert evidence["all_quantized_perplexity"] > evidence["reference_perplexity"] * 1.0005  # the budget had work
+    costs = evidence["unit_cost_percent"]
+    assert evidence["kept_float"] == sorted(costs, key=costs.get, reverse=True)[: len(evidence["kept_float"])]
+    assert evidence["final_perplexity"] == evidence["steps"][-1]["perplexity"]
+    assert evidence["met"] == (evidence["final_perplexity"] <= evidence["reference_perplexity"] * 1.0005)
+    skipped = {m["name"] for m in plan["modules"] if m["reason"].startswith("accuracy budget")}
+    consumers = {g.producer: g.consumers for g in LLAMA_FAMILY.groups}
+    expected = set()
+    for unit in evidence["kept_float"]:
+        layer, producer = unit.split(".", 3)[:3], unit.split(".", 3)[3]
+        expected |= {".".join(layer) + "." + c for c in consumers[producer]}
+    assert skipped == expected
+
+
+def test_a_budget_already_met_keeps_everything_quantized(tiny_model_dir, corpus, tmp_path):
+    plan, _ = quantize(tiny_model_dir, tmp_path, corpus, "--accuracy-budget", "1000")
+    evidence = json.loads((tmp_path / "accuracy_budget.json").read_text())
+    assert evidence["kept_float"] == [] and evidence["unit_cost_percent"] == {}
+    assert all(m["status"] == "quantized" for m in plan["modules"] if m["name"].startswith("model.layers"))
