@@ -4,12 +4,15 @@ MODEL  ?= smollm2-135m
 OUT    ?=
 CALIB  ?= synthetic
 EVAL   ?=
-ALPHA  ?= 0.8
+ALPHA  ?= auto
+RANGE  ?= max
+BUDGET ?=
 CALIB_WINDOWS ?= 64
 EVAL_WINDOWS  ?= 16
 SEQ_LEN       ?= 512
-ARGS = --model $(MODEL) --calib $(CALIB) --alpha $(ALPHA) --calib-windows $(CALIB_WINDOWS) \
-       --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN) $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL))
+ARGS = --model $(MODEL) --calib $(CALIB) --alpha $(ALPHA) --range-estimator $(RANGE) \
+       --calib-windows $(CALIB_WINDOWS) --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN) \
+       $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET))
 
 .PHONY: setup engine calibrate quantize export build verify test
 setup:

@@ -29,17 +29,18 @@ def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quantized_output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor,
-                           act_absmax: torch.Tensor) -> float:
+def quantized_output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, act_absmax: torch.Tensor,
+                           outputs: list[torch.Tensor] | None = None) -> float:
     """Relative squared error of the group's outputs under W8A8 after smoothing with consumer-side factor s.
 
     x: [tokens, in] float inputs; weights: the consumers' unsmoothed [out, in] weights; act_absmax: per-channel
-    calibration absmax of x (fixes the per-tensor scale of X / s).
+    calibration absmax of x (fixes the per-tensor scale of X / s); outputs: x @ w.T per weight when already known
+    (they do not depend on s, so a search computes them once).
     """
     xq = fake_quant_activation(x / s, activation_scale(float((act_absmax / s).max())))
+    outputs = outputs if outputs is not None else [x @ w.T for w in weights]
     error = 0.0
-    for w in weights:
-        y = x @ w.T
+    for w, y in zip(weights, outputs):
         y_q = xq @ fake_quant_weight(w * s[None, :]).T
         error += float((y_q - y).pow(2).sum() / y.pow(2).sum().clamp(min=1e-30))
     return error
@@ -58,10 +59,12 @@ def best_alpha(x: torch.Tensor, model: torch.nn.Module, prefix: str, group, absm
     weights = [model.get_submodule(f"{prefix}.{c}").weight.float() for c in group.consumers]
     act_per_input = torch.stack([absmax[f"{prefix}.{c}"] for c in group.consumers]).amax(dim=0)
     act, weight = group_absmax(model, prefix, group, absmax)
+    x = x.float()
+    outputs = [x @ w.T for w in weights]
     errors = {}
     for alpha in grid:
         s = consumer_factor(model, group, smoothing_factors(act, weight, alpha))
-        errors[alpha] = quantized_output_error(x.float(), weights, s, act_per_input)
+        errors[alpha] = quantized_output_error(x, weights, s, act_per_input, outputs)
     chosen = min(grid, key=lambda a: (errors[a], -a))
     return GroupChoice(chosen, errors[chosen], errors)
 

@@ -36,7 +36,7 @@ RANGE_ESTIMATORS = ("max", "percentile", "mse")
 class QuantConfig:
     # A number in [0, 1] for every group; "auto": per-group search on calibration inputs; "grid": the global
     # value of alpha_grid with the lowest fake-quant perplexity on the holdout windows.
-    alpha: float | str = 0.8
+    alpha: float | str = "auto"
     smooth: bool = True
     include: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
@@ -50,7 +50,7 @@ class QuantConfig:
         if isinstance(self.alpha, str) and self.alpha not in ALPHA_MODES:
             raise PipelineError(f"ALPHA must be a number within [0, 1], 'auto' or 'grid' (got '{self.alpha}')")
         if not isinstance(self.alpha, str) and not 0.0 <= self.alpha <= 1.0:
-            raise PipelineError(f"ALPHA must be within [0, 1] (got {self.alpha}): 0.8 is a good start for Llama models")
+            raise PipelineError(f"ALPHA must be within [0, 1] (got {self.alpha}), or 'auto' to search it per layer")
         if self.range_estimator not in RANGE_ESTIMATORS:
             raise PipelineError(f"unknown range estimator '{self.range_estimator}': choose one of "
                                 f"{', '.join(RANGE_ESTIMATORS)}")

@@ -35,7 +35,7 @@ def test_engine_writes_every_artifact_and_an_honest_report(finished):
     assert report["export_faithfulness"]["reference_onnx_vs_pytorch_fp32"]["max_abs_error"] < 1e-4
     assert report["evaluation"]["predicted_tokens"] == 2 * 31
     manifest = json.loads((finished / "manifest.json").read_text())
-    assert manifest["config"]["quant"]["alpha"] == 0.8
+    assert manifest["config"]["quant"]["alpha"] == "auto"
     assert manifest["stages"]["calibrate"]["windows_sha256"] == report["calibration"]["windows_sha256"]
     try:
         import tensorrt  # noqa: F401
