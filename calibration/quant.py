@@ -48,7 +48,7 @@ class ModuleEntry:
     reason: str
     smoothed: bool
     alpha: float | None
-    input_absmax: float | None = None  # after smoothing
+    input_absmax: float | None = None  # the range mapped to 127: after smoothing and the range estimator
     input_scale: float | None = None
     weight_scale_min: float | None = None
     weight_scale_max: float | None = None

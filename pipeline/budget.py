@@ -38,18 +38,18 @@ def fit_budget(model: torch.nn.Module, spec, plan: QuantPlan, holdout: np.ndarra
     """`model` holds the smoothed float weights of `plan`. Returns the plan with float units, and the evidence."""
     reference = torch_perplexity(model, holdout, batch_size)
     limit = reference * (1 + budget_percent / 100)
+    units = activation_units(model, spec, plan)
 
     def score(float_units: list[str]) -> float:
         reasons = {n: "accuracy budget" for u in float_units for n in units[u]}
         with fake_quantized(model, keep_float(plan, reasons)):
             return torch_perplexity(model, holdout, batch_size)
 
-    units = activation_units(model, spec, plan)
     quantized = score([])
     evidence = {"budget_percent": budget_percent, "holdout_windows": len(holdout), "reference_perplexity": reference,
                 "all_quantized_perplexity": quantized, "unit_cost_percent": {}, "kept_float": [], "steps": []}
     if quantized <= limit:
-        evidence["final_perplexity"] = quantized
+        evidence.update(final_perplexity=quantized, met=True)
         return plan, evidence
     gain = {}
     for unit in tqdm(units, desc="sensitivity per quantized activation", unit="unit"):

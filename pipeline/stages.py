@@ -130,7 +130,7 @@ def quantize(run: Run) -> QuantPlan:
     outputs = [FACTORS, PLAN, ALPHA_CHOICE]
     if cfg.accuracy_budget is not None:
         plan, evidence = fit_budget(model, spec, plan, windows["holdout"], batch, cfg.accuracy_budget)
-        if not evidence.get("met", True):
+        if not evidence["met"]:
             log.warning("quantize: accuracy budget %.2f%% NOT met on the holdout (%.4f vs %.4f float); the plan keeps "
                         "%d groups float", cfg.accuracy_budget, evidence["final_perplexity"],
                         evidence["reference_perplexity"], len(evidence["kept_float"]))

@@ -41,9 +41,9 @@ def choose_alphas(fresh_model, spec, absmax: dict[str, torch.Tensor], cfg: Quant
 
     `fresh_model()` returns an unsmoothed FP32 copy; the grid smooths one copy per candidate.
     """
-    model = fresh_model()
     if not cfg.smooth:
         return {}, {"mode": "off"}
+    model = fresh_model()
     if not isinstance(cfg.alpha, str):
         return uniform_alpha(model, spec, cfg.alpha), {"mode": "global", "alpha": cfg.alpha}
     search = calibration[: cfg.search_windows]
