@@ -16,16 +16,10 @@ import torch
 from tqdm import tqdm
 
 from calibration.architectures import ArchitectureSpec
-from calibration.quant import activation_scale, fake_quant_activation, quantize_weight, weight_scales
+from calibration.quant import activation_scale, fake_quant_activation, fake_quant_weight
 from calibration.smoothing import consumer_factor, group_absmax, layer_groups, smoothing_factors
 
 DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(6, 21))  # 0.30 .. 1.00
-
-
-@torch.no_grad()
-def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
-    scales = weight_scales(weight)
-    return quantize_weight(weight, scales).float() * scales[:, None]
 
 
 @torch.no_grad()

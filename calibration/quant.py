@@ -30,6 +30,13 @@ def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(weight.float() / scales[:, None]), -QMAX, QMAX).to(torch.int8)
 
 
+@torch.no_grad()
+def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+    """DQ(Q(W)) with per-output-channel scales: the weights the exported DequantizeLinear produces."""
+    scales = weight_scales(weight)
+    return quantize_weight(weight, scales).float() * scales[:, None]
+
+
 def activation_scale(absmax: float) -> float:
     if not absmax > 0:
         return 1.0
@@ -133,9 +140,7 @@ class FakeQuantLinear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, input_scale: float):
         super().__init__()
-        scales = weight_scales(linear.weight)
-        self.weight = torch.nn.Parameter(quantize_weight(linear.weight, scales).float() * scales[:, None],
-                                         requires_grad=False)
+        self.weight = torch.nn.Parameter(fake_quant_weight(linear.weight), requires_grad=False)
         self.bias = linear.bias
         self.input_scale = input_scale
 

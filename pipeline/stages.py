@@ -118,13 +118,12 @@ def quantize(run: Run) -> QuantPlan:
     key = digest("quantize", run.records.key("calibrate"), cfg)
     if _up_to_date(run, "quantize", key):
         return QuantPlan.from_json(read_json(run.path(PLAN)))
-    _, _, spec = run.model()
+    model, _, spec = run.model()
     absmax = load_stats(run.path(STATS))
     windows = np.load(run.path(WINDOWS))
     batch = run.config.calibration.batch_size
-    alphas, choice = tuning.choose_alphas(lambda: run.model()[0], spec, absmax, cfg, windows["calibration"],
+    alphas, choice = tuning.choose_alphas(model, lambda: run.model()[0], spec, absmax, cfg, windows["calibration"],
                                           windows["holdout"], batch, FLOAT_MODULES)
-    model, _, _ = run.model()
     factors, plan = smooth_and_plan(model, spec, absmax, tuning.recipe_for(cfg, alphas, cfg.alpha),
                                     windows["calibration"][: cfg.search_windows], batch, FLOAT_MODULES)
     outputs = [FACTORS, PLAN, ALPHA_CHOICE]

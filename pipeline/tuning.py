@@ -4,7 +4,6 @@ of the PyTorch fake-quant simulation on the holdout windows (calibration source,
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
@@ -15,35 +14,34 @@ from calibration.quant import fake_quantized
 from calibration.recipe import Recipe, smooth_and_plan
 from calibration.smoothing import uniform_alpha
 from pipeline.config import QuantConfig
-from pipeline.verify import next_token_nll
+from pipeline.verify import Perplexity
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def torch_perplexity(model: torch.nn.Module, windows: np.ndarray, batch_size: int) -> float:
-    total, count = 0.0, 0
+    perplexity = Perplexity()
     for start in range(0, len(windows), batch_size):
         ids = windows[start : start + batch_size]
-        logits = model(input_ids=torch.from_numpy(ids), use_cache=False).logits
-        nll, n = next_token_nll(logits.numpy(), ids)
-        total, count = total + nll, count + n
-    return math.exp(total / count)
+        perplexity.add(model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy(), ids)
+    return perplexity.value()
 
 
 def recipe_for(cfg: QuantConfig, alphas: dict[str, float], label: float | str) -> Recipe:
     return Recipe(alphas if cfg.smooth else {}, label, cfg.range_estimator, cfg.percentile, cfg.include, cfg.skip)
 
 
-def choose_alphas(fresh_model, spec, absmax: dict[str, torch.Tensor], cfg: QuantConfig, calibration: np.ndarray,
-                  holdout: np.ndarray, batch_size: int, float_modules: dict[str, str]) -> tuple[dict[str, float], dict]:
+def choose_alphas(model: torch.nn.Module, fresh_model, spec, absmax: dict[str, torch.Tensor], cfg: QuantConfig,
+                  calibration: np.ndarray, holdout: np.ndarray, batch_size: int,
+                  float_modules: dict[str, str]) -> tuple[dict[str, float], dict]:
     """Group key -> alpha, and what the choice was based on (for the manifest and the report).
 
-    `fresh_model()` returns an unsmoothed FP32 copy; the grid smooths one copy per candidate.
+    `model` is the unsmoothed FP32 model and is left unchanged; `fresh_model()` returns another copy, which the
+    grid smooths once per candidate.
     """
     if not cfg.smooth:
         return {}, {"mode": "off"}
-    model = fresh_model()
     if not isinstance(cfg.alpha, str):
         return uniform_alpha(model, spec, cfg.alpha), {"mode": "global", "alpha": cfg.alpha}
     search = calibration[: cfg.search_windows]
