@@ -4,13 +4,15 @@ MODEL  ?= smollm2-135m
 OUT    ?=
 CALIB  ?= synthetic
 EVAL   ?=
+QUANT  ?= w8a8
+GROUP_SIZE ?= 128
 ALPHA  ?= auto
 RANGE  ?= max
 BUDGET ?=
 CALIB_WINDOWS ?= 64
 EVAL_WINDOWS  ?= 16
 SEQ_LEN       ?= 512
-ARGS = --model $(MODEL) --calib $(CALIB) --alpha $(ALPHA) --range-estimator $(RANGE) \
+ARGS = --model $(MODEL) --calib $(CALIB) --quant $(QUANT) --group-size $(GROUP_SIZE) --alpha $(ALPHA) --range-estimator $(RANGE) \
        --calib-windows $(CALIB_WINDOWS) --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN) \
        $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET))
 

@@ -60,6 +60,12 @@ class ModuleEntry:
     weight_scale_min: float | None = None
     weight_scale_max: float | None = None
     smoothing_factor_max: float | None = None
+    weight_bits: int | None = None
+    group_size: int | None = None  # input columns per weight scale; in_features when per output channel
+    weight_method: str | None = None  # "rtn" | "gptq" | "imported"
+    output_error: float | None = None  # GPTQ: ||(W - Q)X||^2 / ||WX||^2 on the calibration inputs
+    rtn_output_error: float | None = None  # the same for round-to-nearest, for comparison
+    damp: float | None = None  # GPTQ dampening finally used (more than asked when H was not positive definite)
 
 
 @dataclass(frozen=True)
@@ -136,30 +142,50 @@ def keep_float(plan: QuantPlan, reasons: dict[str, str]) -> QuantPlan:
 
 
 class FakeQuantLinear(torch.nn.Module):
-    """A Linear computing DQ(Q(x)) @ DQ(W_int8)^T, the arithmetic of the exported Q/DQ MatMul."""
+    """A Linear computing DQ(Q(x)) @ DQ(W_q)^T, the arithmetic of the exported Q/DQ MatMul.
 
-    def __init__(self, linear: torch.nn.Linear, input_scale: float):
+    dequantized_weight: DQ(W_q) as stored by the quantize stage (GPTQ, group-wise); default: per-channel INT8
+    round-to-nearest of the linear's weight. input_scale None: weight-only, the activation stays float."""
+
+    def __init__(self, linear: torch.nn.Linear, input_scale: float | None,
+                 dequantized_weight: torch.Tensor | None = None):
         super().__init__()
-        self.weight = torch.nn.Parameter(fake_quant_weight(linear.weight), requires_grad=False)
+        weight = fake_quant_weight(linear.weight) if dequantized_weight is None else dequantized_weight
+        self.weight = torch.nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
         self.bias = linear.bias
         self.input_scale = input_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(fake_quant_activation(x, self.input_scale), self.weight, self.bias)
+        if self.input_scale is not None:
+            x = fake_quant_activation(x, self.input_scale)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 @contextlib.contextmanager
-def fake_quantized(model: torch.nn.Module, plan: QuantPlan):
-    """Swap each quantized Linear for a FakeQuantLinear; always restore the originals."""
+def fake_quantized(model: torch.nn.Module, plan: QuantPlan, dequantized: dict[str, torch.Tensor] | None = None):
+    """Swap each quantized Linear for a FakeQuantLinear (with the stored dequantized weights where given);
+    always restore the originals."""
     swapped = []
+    dequantized = dequantized or {}
     try:
         for entry in plan.quantized():
             parent_name, _, child = entry.name.rpartition(".")
             parent = model.get_submodule(parent_name)
             original = getattr(parent, child)
-            setattr(parent, child, FakeQuantLinear(original, entry.input_scale))
+            setattr(parent, child, FakeQuantLinear(original, entry.input_scale, dequantized.get(entry.name)))
             swapped.append((parent, child, original))
         yield model
     finally:
         for parent, child, original in reversed(swapped):
             setattr(parent, child, original)
+
+
+def weight_only_plan(reasons: dict[str, str], recipe: str, entries: dict[str, dict],
+                     float_modules: dict[str, str]) -> QuantPlan:
+    """Plan of a weight-only recipe (activations float). reasons: select_modules' answer; entries: the weight
+    fields of each quantized linear."""
+    modules = [ModuleEntry(name=n, status="skipped" if r else "quantized", reason=r, smoothed=False, alpha=None,
+                           **({} if r else entries[n])) for n, r in reasons.items()]
+    modules += [ModuleEntry(name=n, status="float", reason=r, smoothed=False, alpha=None)
+                for n, r in float_modules.items()]
+    return QuantPlan(recipe=recipe, alpha=None, range_estimator=None, modules=tuple(modules))

@@ -1,16 +1,22 @@
-"""Q/DQ insertion by graph surgery (onnx-ir): the placement TensorRT fuses into INT8 GEMMs.
+"""Q/DQ insertion by graph surgery (onnx-ir): the placement TensorRT fuses into quantized GEMMs.
 
-For each quantized linear: an INT8 weight initializer -> DequantizeLinear (per output channel) on the weight input,
-and QuantizeLinear -> DequantizeLinear (per tensor) on the activation input. Linears reading the same activation
-(q/k/v, gate/up) share one Q/DQ pair, so TensorRT quantizes that tensor once. GEMM outputs are not quantized
-(TensorRT guide: extra Q/DQ outside the GEMM inputs break fusions).
+W8A8: an INT8 weight initializer -> DequantizeLinear (per output channel) on the weight input, and QuantizeLinear
+-> DequantizeLinear (per tensor) on the activation input. Linears reading the same activation (q/k/v, gate/up)
+share one Q/DQ pair, so TensorRT quantizes that tensor once. GEMM outputs are not quantized (TensorRT guide: extra
+Q/DQ outside the GEMM inputs break fusions).
+
+Weight-only (W4A16, W3A16): an INT4 initializer -> blocked DequantizeLinear (opset 21 `block_size`, blocks along K)
+on the weight input; the activation stays float, with no Q node (TensorRT INT4 is weight-only). 3-bit codes are
+stored in INT4 containers.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -21,9 +27,35 @@ from exporters.naming import matmul_node_name, module_of_node, scope_of
 @dataclass(frozen=True)
 class LinearQuantization:
     module: str
-    weight: np.ndarray  # int8 [out_features, in_features], PyTorch layout
-    weight_scale: np.ndarray  # float32 [out_features]
-    input_scale: float
+    weight: np.ndarray  # integer codes [out_features, in_features] in an int8 array, PyTorch layout
+    weight_scale: np.ndarray  # float32 [out_features] (per channel) or [out_features, groups] (blocked along K)
+    input_scale: float | None  # None: weight-only, the activation stays float
+    bits: int = 8
+
+    @property
+    def storage_dtype(self):
+        return np.int8 if self.bits == 8 else ml_dtypes.int4
+
+    @property
+    def block_size(self) -> int | None:
+        if self.weight_scale.ndim == 1:
+            return None
+        return self.weight.shape[1] // self.weight_scale.shape[1]
+
+
+def grouped_linear(module: str, codes: np.ndarray, scales: np.ndarray, group_size: int, input_scale: float | None,
+                   bits: int) -> LinearQuantization:
+    """From GPTQ-layout scales [N, ceil(K / group_size)] to what DequantizeLinear expresses.
+
+    One group spanning K: per-channel scales [N]. Otherwise blocks of gcd(K, group_size) columns, each carrying
+    its group's scale: ONNX and TensorRT need equal blocks that divide K, while a GPTQ group may be cut short at
+    the end of K (SmolLM2: K = 576 with groups of 128 -> blocks of 64, scales repeated in pairs)."""
+    in_features = codes.shape[1]
+    if group_size >= in_features:
+        return LinearQuantization(module, codes, scales[:, 0], input_scale, bits)
+    block = math.gcd(in_features, group_size)
+    block_group = (np.arange(in_features // block) * block) // group_size
+    return LinearQuantization(module, codes, np.ascontiguousarray(scales[:, block_group]), input_scale, bits)
 
 
 def weight_axis(node: ir.Node) -> int:
@@ -45,8 +77,16 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _quantized_weight_layout(node: ir.Node, weight: np.ndarray) -> np.ndarray:
-    return weight if weight_axis(node) == 0 else np.ascontiguousarray(weight.T)
+def _stored_layout(node: ir.Node, array: np.ndarray) -> np.ndarray:
+    """A [out, ...] array in the layout of the node's weight input: as is for Gemm transB=1, transposed for MatMul."""
+    return array if weight_axis(node) == 0 else np.ascontiguousarray(array.T)
+
+
+def dq_attributes(node: ir.Node, lq: LinearQuantization) -> dict:
+    """Per channel: axis = output-channel axis. Blocked: axis = the K axis (the other one), block_size = group."""
+    if lq.block_size is None:
+        return {"axis": weight_axis(node)}
+    return {"axis": 1 - weight_axis(node), "block_size": lq.block_size}
 
 
 def insert_qdq(model: ir.Model, linears: list[LinearQuantization], scale_dtype: type) -> None:
@@ -60,6 +100,8 @@ def insert_qdq(model: ir.Model, linears: list[LinearQuantization], scale_dtype: 
         if node is None or node.op_type not in ("MatMul", "Gemm"):
             raise ExportError(f"module {lq.module}: no MatMul/Gemm node '{matmul_node_name(lq.module)}' in the graph")
         _quantize_weight(graph, node, lq, scale_dtype)
+        if lq.input_scale is None:
+            continue
         activation = node.inputs[0]
         if activation not in shared_input:
             shared_input[activation] = _quantize_activation(graph, node, lq, activation, linears, scale_dtype)
@@ -70,15 +112,16 @@ def insert_qdq(model: ir.Model, linears: list[LinearQuantization], scale_dtype: 
 
 def _quantize_weight(graph: ir.Graph, node: ir.Node, lq: LinearQuantization, scale_dtype: type) -> None:
     old = node.inputs[1]
-    stored = _quantized_weight_layout(node, lq.weight)
+    stored = _stored_layout(node, lq.weight)
     if old is None or old.const_value is None or tuple(old.const_value.shape) != stored.shape:
         found = None if old is None or old.const_value is None else tuple(old.const_value.shape)
         raise ExportError(f"module {lq.module}: weight input of {node.name} is {found}, expected constant {stored.shape}")
     scope = scope_of(lq.module)
-    q_weight = _initializer(graph, f"{lq.module}.weight_quantized", stored.astype(np.int8))
-    scale = _initializer(graph, f"{lq.module}.weight_scale", lq.weight_scale.astype(scale_dtype))
-    zero = _initializer(graph, f"{lq.module}.weight_zero_point", np.zeros(lq.weight_scale.shape, np.int8))
-    dq = ir.node("DequantizeLinear", [q_weight, scale, zero], {"axis": weight_axis(node)},
+    scales = _stored_layout(node, lq.weight_scale) if lq.weight_scale.ndim == 2 else lq.weight_scale
+    q_weight = _initializer(graph, f"{lq.module}.weight_quantized", stored.astype(lq.storage_dtype))
+    scale = _initializer(graph, f"{lq.module}.weight_scale", scales.astype(scale_dtype))
+    zero = _initializer(graph, f"{lq.module}.weight_zero_point", np.zeros(scales.shape, lq.storage_dtype))
+    dq = ir.node("DequantizeLinear", [q_weight, scale, zero], dq_attributes(node, lq),
                  name=f"{scope}/DequantizeLinear_weight")
     dq.outputs[0].name = f"{lq.module}.weight_dequantized"
     graph.insert_before(node, dq)

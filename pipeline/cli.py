@@ -11,14 +11,14 @@ from pathlib import Path
 from calibration import CalibrationError
 from exporters import ExportError
 from pipeline import PipelineError
-from pipeline.config import RANGE_ESTIMATORS, BuildConfig, CalibrationConfig, ExportConfig, QuantConfig, RunConfig
+from pipeline.config import RANGE_ESTIMATORS, SCHEMES, BuildConfig, CalibrationConfig, ExportConfig, QuantConfig, RunConfig
 from trt_builder import BuildError
 
 USER_ERRORS = (PipelineError, CalibrationError, ExportError, BuildError)
 ORDER = ("calibrate", "quantize", "export", "build", "verify")
 HELP = {
     "calibrate": "token windows + per-channel activation absmax of every decoder linear input",
-    "quantize": "SmoothQuant factors and the W8A8 plan (printed and saved)",
+    "quantize": "SmoothQuant factors and the W8A8 plan, or GPTQ/RTN weights; integer weights and plan saved",
     "export": "reference ONNX, Q/DQ ONNX (FP32 for ONNX Runtime, FP16 for TensorRT), module map, lint",
     "build": "TensorRT plan from the FP16 Q/DQ ONNX (skipped with a reason where TensorRT is absent)",
     "verify": "ONNX Runtime vs PyTorch and reference vs Q/DQ on evaluation windows; report.json/report.md",
@@ -45,6 +45,14 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=d_cal.seq_len)
     p.add_argument("--seed", type=int, default=d_cal.seed)
     p.add_argument("--batch-size", type=int, default=d_cal.batch_size, help="calibration batch size")
+    p.add_argument("--quant", default=d_q.scheme, metavar="SCHEME",
+                   help=f"quantization scheme: {', '.join(SCHEMES)} (w8a8: SmoothQuant + INT8; -gptq: GPTQ weights; "
+                        "w4a16/w3a16: weight-only INT4 blocked DequantizeLinear)")
+    p.add_argument("--group-size", type=int, default=d_q.group_size,
+                   help="weight-only schemes: input columns per weight scale (-1: per output channel)")
+    p.add_argument("--damp", type=float, default=d_q.damp, help="GPTQ dampening, fraction of mean Hessian diagonal")
+    p.add_argument("--no-act-order", action="store_true",
+                   help="GPTQ in natural column order (default: act-order with static groups)")
     p.add_argument("--alpha", type=_alpha, default=d_q.alpha,
                    help="SmoothQuant migration strength: a number in [0, 1] for every layer, 'auto' (per-group search "
                         "on calibration inputs) or 'grid' (best global value on the holdout windows)")
@@ -66,7 +74,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m pipeline", description="SmoothQuant W8A8 -> verified Q/DQ ONNX -> TensorRT")
+    root = argparse.ArgumentParser(prog="python -m pipeline", description="SmoothQuant W8A8 or GPTQ W4A16 -> verified Q/DQ ONNX -> TensorRT")
     sub = root.add_subparsers(dest="command", required=True)
     for name in ORDER + ("engine",):
         _add_options(sub.add_parser(name, help=HELP[name], description=HELP[name]))
@@ -83,7 +91,9 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         calibration=CalibrationConfig(args.calib, args.eval, args.calib_windows, args.holdout_windows,
                                       args.eval_windows, args.seq_len, args.seed, args.batch_size),
         quant=QuantConfig(args.alpha, not args.no_smooth, tuple(args.include), tuple(args.skip),
-                          args.range_estimator, args.percentile, accuracy_budget=args.accuracy_budget),
+                          args.range_estimator, args.percentile, accuracy_budget=args.accuracy_budget,
+                          scheme=args.quant, group_size=args.group_size, damp=args.damp,
+                          act_order=not args.no_act_order),
         export=ExportConfig(),
         build=BuildConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, require_plan=args.require_plan),
     )

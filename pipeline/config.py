@@ -28,6 +28,21 @@ class CalibrationConfig:
                 raise PipelineError(f"{name} must be at least 1 (got {getattr(self, name)})")
 
 
+@dataclass(frozen=True)
+class Scheme:
+    weight_bits: int
+    int8_activations: bool  # False: weight-only, activations stay float (FP16 in TensorRT)
+    weight_method: str  # "rtn" | "gptq"
+
+
+SCHEMES = {
+    "w8a8": Scheme(8, True, "rtn"),  # SmoothQuant + round-to-nearest INT8 weights
+    "w8a8-gptq": Scheme(8, True, "gptq"),  # SmoothQuant first, then GPTQ for the INT8 per-channel weights
+    "w4a16-gptq": Scheme(4, False, "gptq"),
+    "w4a16-rtn": Scheme(4, False, "rtn"),
+    "w3a16-gptq": Scheme(3, False, "gptq"),  # 3-bit codes in INT4 containers
+    "w3a16-rtn": Scheme(3, False, "rtn"),
+}
 ALPHA_MODES = ("auto", "grid")
 RANGE_ESTIMATORS = ("max", "percentile", "mse")
 
@@ -45,8 +60,24 @@ class QuantConfig:
     search_windows: int = 8  # calibration windows seen by the per-group search and the range estimators
     alpha_grid: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
     accuracy_budget: float | None = None  # percent of holdout perplexity; None: quantize every selected linear
+    scheme: str = "w8a8"
+    group_size: int = 128  # weight-only schemes: input columns per scale; -1 per output channel
+    damp: float = 0.01  # GPTQ dampening, a fraction of the Hessian's mean diagonal
+    act_order: bool = True  # GPTQ visits columns by decreasing Hessian diagonal (static groups)
+
+    @property
+    def recipe(self) -> Scheme:
+        return SCHEMES[self.scheme]
 
     def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise PipelineError(f"unknown QUANT '{self.scheme}': choose one of {', '.join(SCHEMES)}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise PipelineError(f"group size must be -1 (per channel) or positive (got {self.group_size}): e.g. 128")
+        if not 0.0 < self.damp < 1.0:
+            raise PipelineError(f"GPTQ damp must be within (0, 1) (got {self.damp}): the default is 0.01")
+        if self.accuracy_budget is not None and not self.recipe.int8_activations:
+            raise PipelineError(f"--accuracy-budget applies to W8A8 activation groups, not to {self.scheme}: drop it")
         if isinstance(self.alpha, str) and self.alpha not in ALPHA_MODES:
             raise PipelineError(f"ALPHA must be a number within [0, 1], 'auto' or 'grid' (got '{self.alpha}')")
         if not isinstance(self.alpha, str) and not 0.0 <= self.alpha <= 1.0:

@@ -9,11 +9,17 @@ from calibration.quant import QuantPlan
 from pipeline.config import RunConfig
 
 FAITHFUL_COSINE = 0.999  # the Q/DQ graph must reproduce the PyTorch simulation of the same recipe
+# A weight-only graph is a continuous function of its input (no activation rounding), so ONNX Runtime must match
+# the dequantized PyTorch model to float precision.
+FAITHFUL_COSINE_WEIGHT_ONLY = 0.9999
 
 
-def faithful(quantized_vs_sim: dict) -> bool:
-    """Cosine >= 0.999, or a deviation no larger than twice the simulation's own noise floor (SDPA vs eager
-    attention in PyTorch), since no implementation can match a discontinuous model more closely than that."""
+def faithful(quantized_vs_sim: dict, weight_only: bool = False) -> bool:
+    """W8A8: cosine >= 0.999, or a deviation no larger than twice the simulation's own noise floor (SDPA vs eager
+    attention in PyTorch), since no implementation can match a discontinuous model more closely than that.
+    Weight-only: cosine >= 0.9999 on every window, no allowance."""
+    if weight_only:
+        return quantized_vs_sim["cosine_min"] >= FAITHFUL_COSINE_WEIGHT_ONLY
     deviation = 1.0 - quantized_vs_sim["cosine_mean"]
     floor = 1.0 - quantized_vs_sim["noise_floor"]["cosine_mean"]
     return quantized_vs_sim["cosine_min"] >= FAITHFUL_COSINE or deviation <= 2.0 * floor
@@ -32,18 +38,36 @@ def tuning_summary(plan: QuantPlan, alpha_choice: dict, budget: dict | None) -> 
     return summary
 
 
+def weights_summary(plan: QuantPlan, asked_damp: float) -> dict:
+    """How the integer weights were made; for GPTQ, its layer output error next to RTN's on the same inputs."""
+    quantized = plan.quantized()
+    errors = [(m.output_error, m.rtn_output_error) for m in quantized if m.output_error is not None]
+    summary = {"bits": sorted({m.weight_bits for m in quantized if m.weight_bits}),
+               "methods": sorted({m.weight_method for m in quantized if m.weight_method}),
+               "group_sizes": sorted({m.group_size for m in quantized if m.group_size})}
+    if errors:
+        summary.update(output_error_mean=sum(e for e, _ in errors) / len(errors),
+                       rtn_output_error_mean=sum(r for _, r in errors) / len(errors),
+                       linears_better_than_rtn=sum(e < r for e, r in errors), linears_measured=len(errors),
+                       damping_raised=[m.name for m in quantized if m.damp is not None and m.damp > asked_damp])
+    return summary
+
+
 def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: dict, reference_vs_torch: dict,
                  quantized_vs_sim: dict, fp16_graph: dict, tuning: dict) -> dict:
+    weight_only = not config.quant.recipe.int8_activations
     stages = manifest.get("stages", {})
     calib = stages.get("calibrate", {})
     build = stages.get("build", {"status": "not run"})
     quantized = plan.quantized()
     return {
         "model": config.model,
+        "scheme": config.quant.scheme,
         "recipe": plan.recipe,
         "alpha": plan.alpha,
-        "smoothing": config.quant.smooth,
+        "smoothing": config.quant.smooth and not weight_only,
         "tuning": tuning,
+        "weights": weights_summary(plan, config.quant.damp),
         "modules": {"quantized": len(quantized), "skipped": sum(m.status == "skipped" for m in plan.modules),
                     "float": sum(m.status == "float" for m in plan.modules)},
         "calibration": {"origin": calib.get("calibration_origin"), "windows": config.calibration.windows,
@@ -64,8 +88,9 @@ def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: d
         "export_faithfulness": {
             "reference_onnx_vs_pytorch_fp32": reference_vs_torch,
             "quantized_onnx_vs_pytorch_fake_quant": quantized_vs_sim,
-            "threshold_cosine": FAITHFUL_COSINE,
-            "faithful": faithful(quantized_vs_sim),
+            "threshold_cosine": FAITHFUL_COSINE_WEIGHT_ONLY if weight_only else FAITHFUL_COSINE,
+            "noise_floor_allowance": not weight_only,
+            "faithful": faithful(quantized_vs_sim, weight_only),
         },
         "tensorrt_fp16_graph_on_onnxruntime": fp16_graph,
         "tensorrt_plan": build,
@@ -86,6 +111,8 @@ def render_markdown(r: dict) -> str:
         f"{r['modules']['float']} modules float.",
         "",
         _tuning_line(r["tuning"]),
+        "",
+        _weights_line(r["weights"]),
         "",
         f"Calibration: {r['calibration']['origin']} ({r['calibration']['windows']} x {r['calibration']['seq_len']} "
         f"tokens, sha256 {str(r['calibration']['windows_sha256'])[:16]}).",
@@ -117,7 +144,8 @@ def render_markdown(r: dict) -> str:
                  f"{floor['cosine_min']:.6f} | {floor['max_abs_error']:.4g} | {100 * floor['top1_agreement']:.2f}% |")
     lines += [
         "",
-        f"Faithful (cosine min >= {f['threshold_cosine']}, or mean deviation within twice the noise floor's): "
+        f"Faithful (cosine min >= {f['threshold_cosine']}"
+        f"{', or mean deviation within twice the noise floor' if f['noise_floor_allowance'] else ''}): "
         f"{'yes' if f['faithful'] else 'NO'}.",
         "",
         "## FP16 Q/DQ graph (the one TensorRT builds), run in ONNX Runtime CPU",
@@ -135,7 +163,20 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _weights_line(w: dict) -> str:
+    line = (f"Weights: {'/'.join(w['methods'])}, {'/'.join(map(str, w['bits']))} bits, "
+            f"group size {'/'.join(map(str, w['group_sizes']))} input columns.")
+    if "output_error_mean" in w:
+        line += (f" GPTQ layer output error (||(W-Q)X||^2/||WX||^2, calibration inputs) mean "
+                 f"{w['output_error_mean']:.3g} vs RTN {w['rtn_output_error_mean']:.3g}; lower than RTN on "
+                 f"{w['linears_better_than_rtn']}/{w['linears_measured']} linears; damping raised on "
+                 f"{len(w['damping_raised'])}.")
+    return line
+
+
 def _tuning_line(t: dict) -> str:
+    if t["alpha_mode"] == "none":
+        return "Activations: float (weight-only recipe): no smoothing, no activation ranges."
     line = f"Tuning: alpha {t['alpha_mode']}"
     if t["alpha_min"] is not None:
         line += f" (per module {t['alpha_min']:.2f}..{t['alpha_max']:.2f}, mean {t['alpha_mean']:.3f})"
@@ -151,13 +192,16 @@ def _tuning_line(t: dict) -> str:
 
 def print_plan(plan: QuantPlan) -> None:
     out = sys.stdout
-    out.write(f"{'module':<42} {'status':<10} {'alpha':>5} {'input scale':>12} {'weight scales':>21} {'max s':>8}\n")
+    out.write(f"{'module':<42} {'status':<10} {'alpha':>5} {'input scale':>12} {'weight scales':>21} {'max s':>8} "
+              f"{'bits/group':>10} {'err (rtn)':>18}\n")
     for m in plan.modules:
+        layout = f"{m.weight_bits}/{m.group_size}" if m.weight_bits else "-"
+        err = f"{m.output_error:.2e} ({m.rtn_output_error:.2e})" if m.output_error is not None else "-"
         alpha = f"{m.alpha:.2f}" if m.alpha is not None else "-"
         act = f"{m.input_scale:.4g}" if m.input_scale is not None else "-"
         w = f"{m.weight_scale_min:.2e}..{m.weight_scale_max:.2e}" if m.weight_scale_min is not None else "-"
         s = f"{m.smoothing_factor_max:.3g}" if m.smoothing_factor_max is not None else "-"
-        out.write(f"{m.name:<42} {m.status:<10} {alpha:>5} {act:>12} {w:>21} {s:>8}\n")
+        out.write(f"{m.name:<42} {m.status:<10} {alpha:>5} {act:>12} {w:>21} {s:>8} {layout:>10} {err:>18}\n")
 
 
 def print_headline(r: dict, path: Path) -> None:

@@ -7,6 +7,7 @@ upstream keys) and its outputs still hash the same; otherwise it runs and overwr
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import logging
 from pathlib import Path
 
@@ -16,17 +17,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibration.data import build_windows
-from calibration.quant import QuantPlan, fake_quantized, quantize_weight, weight_scales
+from calibration.gptq import QuantizedWeight, load_quantized, rtn, save_quantized
+from calibration.quant import QuantPlan, fake_quantized, select_modules, weight_only_plan
 from calibration.recipe import smooth_and_plan
+from calibration.sequential import GptqSettings, LinearOutcome, gptq_sequential
 from calibration.smoothing import apply_factors
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
 from exporters.lint import check_onnx_file, lint_or_raise
 from exporters.onnx_export import export_model
-from exporters.qdq import LinearQuantization, insert_qdq, module_node_map
+from exporters.qdq import LinearQuantization, grouped_linear, insert_qdq, module_node_map
 from pipeline import models, report, tuning, verify
 from pipeline.budget import fit_budget
 from pipeline.artifacts import StageRecords, atomic_path, prepare_out, read_json, versions, write_json
-from pipeline.config import RunConfig, digest
+from pipeline.config import QuantConfig, RunConfig, digest
 from trt_builder import BuildError
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 WINDOWS = "windows.npz"
 STATS = "calibration_stats.safetensors"
 FACTORS = "smoothing_factors.safetensors"
+WEIGHTS = "quantized_weights.safetensors"  # integer codes + scales of every quantized linear
 PLAN = "quant_plan.json"
 REFERENCE = "reference.onnx"
 QUANTIZED = "quantized.onnx"  # FP32 graph + INT8 Q/DQ, for ONNX Runtime on CPU
@@ -119,14 +123,36 @@ def quantize(run: Run) -> QuantPlan:
     if _up_to_date(run, "quantize", key):
         return QuantPlan.from_json(read_json(run.path(PLAN)))
     model, _, spec = run.model()
-    absmax = load_stats(run.path(STATS))
     windows = np.load(run.path(WINDOWS))
+    outputs = [FACTORS, PLAN, ALPHA_CHOICE, WEIGHTS]
+    if cfg.recipe.int8_activations:
+        factors, plan, choice = _smoothquant(run, model, spec, windows, outputs)
+    else:
+        factors, plan, choice = {}, None, {"mode": "none", "reason": f"{cfg.scheme} is weight-only: no smoothing"}
+    weights, plan = _quantize_weights(model, spec, plan, cfg, windows["calibration"],
+                                      run.config.calibration.batch_size)
+    with atomic_path(run.path(FACTORS)) as tmp:
+        save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
+    with atomic_path(run.path(WEIGHTS)) as tmp:
+        save_quantized(weights, tmp)
+    write_json(run.path(PLAN), plan.to_json())
+    write_json(run.path(ALPHA_CHOICE), choice)
+    run.records.complete("quantize", key, outputs)
+    run.update_manifest("quantize", "done", scheme=cfg.scheme, quantized=len(plan.quantized()),
+                        alpha_mode=choice["mode"], range_estimator=cfg.range_estimator)
+    report.print_plan(plan)
+    return plan
+
+
+def _smoothquant(run: Run, model, spec, windows, outputs: list[str]):
+    """Smooth `model` in place and plan the W8A8 activations (alpha choice, ranges, accuracy budget)."""
+    cfg = run.config.quant
+    absmax = load_stats(run.path(STATS))
     batch = run.config.calibration.batch_size
     alphas, choice = tuning.choose_alphas(model, lambda: run.model()[0], spec, absmax, cfg, windows["calibration"],
                                           windows["holdout"], batch, FLOAT_MODULES)
     factors, plan = smooth_and_plan(model, spec, absmax, tuning.recipe_for(cfg, alphas, cfg.alpha),
                                     windows["calibration"][: cfg.search_windows], batch, FLOAT_MODULES)
-    outputs = [FACTORS, PLAN, ALPHA_CHOICE]
     if cfg.accuracy_budget is not None:
         plan, evidence = fit_budget(model, spec, plan, windows["holdout"], batch, cfg.accuracy_budget)
         if not evidence["met"]:
@@ -135,15 +161,45 @@ def quantize(run: Run) -> QuantPlan:
                         evidence["reference_perplexity"], len(evidence["kept_float"]))
         write_json(run.path(BUDGET), evidence)
         outputs.append(BUDGET)
-    with atomic_path(run.path(FACTORS)) as tmp:
-        save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
-    write_json(run.path(PLAN), plan.to_json())
-    write_json(run.path(ALPHA_CHOICE), choice)
-    run.records.complete("quantize", key, outputs)
-    run.update_manifest("quantize", "done", quantized=len(plan.quantized()), alpha_mode=choice["mode"],
-                        range_estimator=cfg.range_estimator)
-    report.print_plan(plan)
-    return plan
+    return factors, plan, choice
+
+
+def _quantize_weights(model, spec, plan: QuantPlan | None, cfg: QuantConfig, calibration: np.ndarray,
+                      batch: int) -> tuple[dict[str, QuantizedWeight], QuantPlan]:
+    """Integer weights of every linear the plan quantizes (W8A8: per channel, after smoothing; weight-only: the
+    plan is made here from --include/--skip), by RTN or by layer-by-layer GPTQ on the calibration windows."""
+    recipe = cfg.recipe
+    int8 = recipe.int8_activations
+    names = list(quantizable_linears(model, spec))
+    reasons = {m.name: m.reason for m in plan.modules if m.name in names} if int8 else \
+        select_modules(names, cfg.include, cfg.skip)
+    selected = [n for n in names if not reasons[n]]
+    # W8A8 keeps FP32 per-channel scales (its FP16 graph rounds them as before); weight-only rounds its scales to
+    # FP16 first, so the FP32 graph, the FP16 graph and the GPTQ checkpoint hold the same numbers.
+    settings = GptqSettings(recipe.weight_bits, -1 if int8 else cfg.group_size, cfg.damp, cfg.act_order,
+                            fp16_scales=not int8)
+    if recipe.weight_method == "gptq":
+        outcomes = gptq_sequential(model, spec, set(selected), calibration, batch, settings)
+    else:
+        outcomes = {n: rtn(model.get_submodule(n).weight, settings.bits, settings.group_size, settings.fp16_scales)
+                    for n in selected}
+    weights = {n: o.result.weight if isinstance(o, LinearOutcome) else o for n, o in outcomes.items()}
+    entries = {n: _weight_fields(weights[n], recipe.weight_method, outcomes[n]) for n in selected}
+    if int8:
+        return weights, replace(plan, modules=tuple(replace(m, **entries.get(m.name, {})) for m in plan.modules))
+    label = (f"w{recipe.weight_bits}a16: int{recipe.weight_bits} {recipe.weight_method} weights"
+             f"{' in INT4 containers' if recipe.weight_bits == 3 else ''}, group size {cfg.group_size}, "
+             "activations float")
+    return weights, weight_only_plan(reasons, label, entries, FLOAT_MODULES)
+
+
+def _weight_fields(q: QuantizedWeight, method: str, outcome) -> dict:
+    fields = {"weight_bits": q.bits, "group_size": q.group_size, "weight_method": method,
+              "weight_scale_min": float(q.scales.min()), "weight_scale_max": float(q.scales.max())}
+    if isinstance(outcome, LinearOutcome):
+        fields.update(output_error=outcome.output_error, rtn_output_error=outcome.rtn_output_error,
+                      damp=outcome.result.damp_used)
+    return fields
 
 
 def smoothed_model(run: Run):
@@ -152,14 +208,9 @@ def smoothed_model(run: Run):
     return model, spec
 
 
-def linear_quantizations(model: torch.nn.Module, plan: QuantPlan) -> list[LinearQuantization]:
-    result = []
-    for entry in plan.quantized():
-        weight = model.get_submodule(entry.name).weight
-        scales = weight_scales(weight)
-        result.append(LinearQuantization(entry.name, quantize_weight(weight, scales).numpy(), scales.numpy(),
-                                         entry.input_scale))
-    return result
+def linear_quantizations(plan: QuantPlan, weights: dict[str, QuantizedWeight]) -> list[LinearQuantization]:
+    return [grouped_linear(e.name, weights[e.name].codes.numpy(), weights[e.name].scales.numpy(),
+                           weights[e.name].group_size, e.input_scale, weights[e.name].bits) for e in plan.quantized()]
 
 
 def save_onnx(graph: ir.Model, path: Path, threshold: int) -> None:
@@ -182,7 +233,7 @@ def export(run: Run) -> None:
     save_onnx(export_model(model, torch.float32, cfg.opset, names), run.path(REFERENCE), cfg.external_data_threshold)
     del model
     model, _ = smoothed_model(run)
-    linears = linear_quantizations(model, plan)
+    linears = linear_quantizations(plan, load_quantized(run.path(WEIGHTS)))
     outputs = [REFERENCE]
     for dtype, scale_dtype, name in ((torch.float32, np.float32, QUANTIZED), (torch.float16, np.float16, QUANTIZED_FP16)):
         log.info("export: %s (%s graph, %d quantized linears)", name, dtype, len(linears))
@@ -232,7 +283,8 @@ def verify_stage(run: Run) -> dict:
     del model
     accuracy = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED), evaluation, "reference vs Q/DQ ONNX")
     model, _ = smoothed_model(run)
-    with fake_quantized(model, plan):
+    dequantized = {name: q.dequantize() for name, q in load_quantized(run.path(WEIGHTS)).items()}
+    with fake_quantized(model, plan, dequantized):
         quantized_vs_sim = verify.compare_with_torch(run.path(QUANTIZED), model, evaluation[:FAITHFULNESS_WINDOWS],
                                                      "Q/DQ ONNX vs PyTorch fake-quant")
         quantized_vs_sim["noise_floor"] = verify.attention_path_noise_floor(model, evaluation[:FAITHFULNESS_WINDOWS])

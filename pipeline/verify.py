@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+import onnxruntime as ort
+from polygraphy.backend.onnxrt import OnnxrtRunner
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,17 @@ class Perplexity:
         return float(np.exp(self.nll / self.count))
 
 
+def onnx_session(path: Path) -> ort.InferenceSession:
+    """A CPU session that computes what the graph says. ONNX Runtime's default optimizer fuses an INT4 blocked
+    DequantizeLinear + MatMul into MatMulNBits with accuracy_level 4, which also quantizes the activations to
+    INT8 on the fly: a W4A8 kernel, not the W4A16 graph. Level 0 keeps the float activations."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def onnx_runner(path: Path) -> OnnxrtRunner:
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]))
+    return OnnxrtRunner(lambda: onnx_session(path))
 
 
 def feed(window: np.ndarray) -> dict[str, np.ndarray]:
