@@ -111,11 +111,56 @@ def load(source: ModelSource):
         raise PipelineError(f"no usable tokenizer for '{source.spec}' ({_first_line(e)}): save the tokenizer files "
                             "next to the model") from None
     log.info("loading %s (%s) in float32", source.spec, source.kind)
+    if gptq_config(source) is not None:
+        return _load_gptq_checkpoint(source, spec), tokenizer, spec
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
     except Exception as e:
         raise PipelineError(f"cannot load the weights of '{source.spec}': {_first_line(e)}") from None
     return model.eval(), tokenizer, spec
+
+
+def gptq_config(source: ModelSource) -> dict | None:
+    from exporters.gptq_checkpoint import checkpoint_quantization
+
+    return checkpoint_quantization(Path(source.location)) if source.kind == "dir" else None
+
+
+def imported_gptq_weights(source: ModelSource, model: torch.nn.Module, spec: ArchitectureSpec):
+    """Codes and scales of a GPTQ checkpoint's linears, exactly as stored (no re-quantization)."""
+    from calibration.stats import quantizable_linears
+    from exporters import ExportError
+    from exporters.gptq_checkpoint import read_checkpoint
+
+    shapes = {n: tuple(m.weight.shape) for n, m in quantizable_linears(model, spec).items()}
+    try:
+        return read_checkpoint(Path(source.location), shapes)
+    except (ExportError, KeyError, ValueError) as e:
+        raise PipelineError(f"cannot import the GPTQ checkpoint '{source.spec}': {_first_line(e)}") from None
+
+
+def _load_gptq_checkpoint(source: ModelSource, spec: ArchitectureSpec) -> torch.nn.Module:
+    """The checkpoint's model in FP32 with every quantized linear holding its dequantized weight: transformers
+    itself would need a GPTQ kernel package (gptqmodel) to load it, which is neither needed nor installable here."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source.location)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    weights, floats = imported_gptq_weights(source, model, spec)
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v).float() for k, v in floats.items()},
+                                                strict=False)
+    expected_missing = {f"{n}.weight" for n in weights} | ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    if set(missing) - expected_missing or unexpected:
+        raise PipelineError(f"GPTQ checkpoint '{source.spec}' does not match its config: missing "
+                            f"{sorted(set(missing) - expected_missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    with torch.no_grad():
+        for name, q in weights.items():
+            model.get_submodule(name).weight.copy_(q.dequantize())
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
 
 
 def _first_line(e: Exception) -> str:

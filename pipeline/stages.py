@@ -23,10 +23,11 @@ from calibration.recipe import smooth_and_plan
 from calibration.sequential import GptqSettings, LinearOutcome, gptq_sequential
 from calibration.smoothing import apply_factors
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
+from exporters.gptq_checkpoint import quantization_config, write_checkpoint
 from exporters.lint import check_onnx_file, lint_or_raise
 from exporters.onnx_export import export_model
 from exporters.qdq import LinearQuantization, grouped_linear, insert_qdq, module_node_map
-from pipeline import models, report, tuning, verify
+from pipeline import PipelineError, models, report, tuning, verify
 from pipeline.budget import fit_budget
 from pipeline.artifacts import StageRecords, atomic_path, prepare_out, read_json, versions, write_json
 from pipeline.config import QuantConfig, RunConfig, digest
@@ -43,6 +44,7 @@ REFERENCE = "reference.onnx"
 QUANTIZED = "quantized.onnx"  # FP32 graph + INT8 Q/DQ, for ONNX Runtime on CPU
 QUANTIZED_FP16 = "quantized.fp16.onnx"  # FP16 graph + INT8 Q/DQ with FP16 scales, for TensorRT
 MODULE_MAP = "module_map.json"
+CHECKPOINT = "gptq_checkpoint"  # weight-only schemes: the Hugging Face GPTQ layout of the same integer weights
 ENGINE = "model.plan"
 ALPHA_CHOICE = "alpha_choice.json"
 BUDGET = "accuracy_budget.json"
@@ -130,7 +132,7 @@ def quantize(run: Run) -> QuantPlan:
     else:
         factors, plan, choice = {}, None, {"mode": "none", "reason": f"{cfg.scheme} is weight-only: no smoothing"}
     weights, plan = _quantize_weights(model, spec, plan, cfg, windows["calibration"],
-                                      run.config.calibration.batch_size)
+                                      run.config.calibration.batch_size, _imported_weights(run, model, spec))
     with atomic_path(run.path(FACTORS)) as tmp:
         save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
     with atomic_path(run.path(WEIGHTS)) as tmp:
@@ -164,10 +166,24 @@ def _smoothquant(run: Run, model, spec, windows, outputs: list[str]):
     return factors, plan, choice
 
 
+def _imported_weights(run: Run, model, spec) -> dict[str, QuantizedWeight] | None:
+    """A GPTQ checkpoint given as MODEL: its integer weights are exported as they are, never re-quantized."""
+    config = models.gptq_config(run.source)
+    if config is None:
+        return None
+    scheme = run.config.quant.recipe
+    if scheme.int8_activations or scheme.weight_bits != int(config["bits"]):
+        raise PipelineError(f"MODEL is a {config['bits']}-bit GPTQ checkpoint but QUANT={run.config.quant.scheme}: "
+                            f"use QUANT=w{config['bits']}a16-gptq to export its weights as they are")
+    return models.imported_gptq_weights(run.source, model, spec)[0]
+
+
 def _quantize_weights(model, spec, plan: QuantPlan | None, cfg: QuantConfig, calibration: np.ndarray,
-                      batch: int) -> tuple[dict[str, QuantizedWeight], QuantPlan]:
+                      batch: int, imported: dict[str, QuantizedWeight] | None
+                      ) -> tuple[dict[str, QuantizedWeight], QuantPlan]:
     """Integer weights of every linear the plan quantizes (W8A8: per channel, after smoothing; weight-only: the
-    plan is made here from --include/--skip), by RTN or by layer-by-layer GPTQ on the calibration windows."""
+    plan is made here from --include/--skip): imported from a GPTQ checkpoint, or by RTN, or by layer-by-layer
+    GPTQ on the calibration windows."""
     recipe = cfg.recipe
     int8 = recipe.int8_activations
     names = list(quantizable_linears(model, spec))
@@ -178,16 +194,21 @@ def _quantize_weights(model, spec, plan: QuantPlan | None, cfg: QuantConfig, cal
     # FP16 first, so the FP32 graph, the FP16 graph and the GPTQ checkpoint hold the same numbers.
     settings = GptqSettings(recipe.weight_bits, -1 if int8 else cfg.group_size, cfg.damp, cfg.act_order,
                             fp16_scales=not int8)
-    if recipe.weight_method == "gptq":
+    method = "imported" if imported is not None else recipe.weight_method
+    if imported is not None:
+        outcomes = {n: imported[n] for n in selected if n in imported}
+        selected = list(outcomes)
+        reasons.update({n: "not quantized in the GPTQ checkpoint" for n in names if n not in imported})
+    elif method == "gptq":
         outcomes = gptq_sequential(model, spec, set(selected), calibration, batch, settings)
     else:
         outcomes = {n: rtn(model.get_submodule(n).weight, settings.bits, settings.group_size, settings.fp16_scales)
                     for n in selected}
     weights = {n: o.result.weight if isinstance(o, LinearOutcome) else o for n, o in outcomes.items()}
-    entries = {n: _weight_fields(weights[n], recipe.weight_method, outcomes[n]) for n in selected}
+    entries = {n: _weight_fields(weights[n], method, outcomes[n]) for n in selected}
     if int8:
         return weights, replace(plan, modules=tuple(replace(m, **entries.get(m.name, {})) for m in plan.modules))
-    label = (f"w{recipe.weight_bits}a16: int{recipe.weight_bits} {recipe.weight_method} weights"
+    label = (f"w{recipe.weight_bits}a16: int{recipe.weight_bits} {method} weights"
              f"{' in INT4 containers' if recipe.weight_bits == 3 else ''}, group size {cfg.group_size}, "
              "activations float")
     return weights, weight_only_plan(reasons, label, entries, FLOAT_MODULES)
@@ -244,6 +265,13 @@ def export(run: Run) -> None:
             write_json(run.path(MODULE_MAP), module_node_map(graph))
         save_onnx(graph, run.path(name), cfg.external_data_threshold)
         outputs.append(name)
+    quant = run.config.quant
+    if not quant.recipe.int8_activations:
+        log.info("export: %s/ (Hugging Face GPTQ layout of the same integer weights)", CHECKPOINT)
+        model, tokenizer, _ = run.model()
+        write_checkpoint(run.path(CHECKPOINT), model, tokenizer, load_quantized(run.path(WEIGHTS)),
+                         quantization_config(quant.recipe.weight_bits, quant.group_size, quant.act_order, quant.damp))
+        outputs += [f"{CHECKPOINT}/{p.name}" for p in sorted(run.path(CHECKPOINT).iterdir())]
     run.records.complete("export", key, outputs + [MODULE_MAP])
     run.update_manifest("export", "done", opset=cfg.opset, files=outputs + [MODULE_MAP])
 
