@@ -115,14 +115,3 @@ def _quantize_linear(name: str, linear: torch.nn.Linear, hessian: torch.Tensor, 
     linear.weight.copy_(result.weight.dequantize().to(linear.weight.dtype))
     return outcome
 
-
-def rtn_all(model: torch.nn.Module, selected: list[str], settings: GptqSettings) -> dict[str, GptqResult]:
-    """Round-to-nearest for every selected linear (no calibration data needed); weights replaced in place."""
-    results = {}
-    with torch.no_grad():
-        for name in selected:
-            linear = model.get_submodule(name)
-            quantized = rtn(linear.weight, settings.bits, settings.group_size, settings.fp16_scales)
-            linear.weight.copy_(quantized.dequantize().to(linear.weight.dtype))
-            results[name] = GptqResult(quantized, 0.0, False)
-    return results
