@@ -1,4 +1,4 @@
-"""Build a strongly typed TensorRT plan from the FP16 + INT8 Q/DQ ONNX, with a sidecar manifest."""
+"""Build a strongly typed TensorRT plan from the FP16 Q/DQ ONNX (INT8 W8A8 or INT4 weight-only), with a sidecar manifest."""
 
 from __future__ import annotations
 

@@ -80,3 +80,18 @@ def test_importing_with_the_wrong_bit_width_is_refused(capsys, tmp_path, tiny_mo
     code = run(["engine", "--model", str(tmp_path / "w4" / "gptq_checkpoint"), "--out", str(tmp_path / "bad"),
                 "--calib", str(corpus), *SMALL, "--quant", "w3a16-gptq"])
     assert_one_line_error(capsys, code, "4-bit GPTQ checkpoint", "QUANT=w4a16-gptq")
+
+
+def test_checkpoint_dequantizes_with_the_gptq_kernels_formula():
+    """Independent of our unpacker: the shift-and-mask dequantization of the AutoGPTQ torch kernel (v1: zeros + 1,
+    w = scales[g_idx] * (q - zeros[g_idx])) must give back our dequantized weight."""
+    q = rtn(torch.randn(48, 96), 4, 32, fp16_scales=True)
+    t = {k: torch.from_numpy(v) for k, v in linear_tensors("lin", q).items()}
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    zeros = (t["lin.qzeros"].unsqueeze(2) >> shifts) & 0xF  # [G, N/8, 8]
+    zeros = zeros.reshape(zeros.shape[0], -1) + 1
+    codes = (t["lin.qweight"].unsqueeze(1) >> shifts[None, :, None]) & 0xF  # [K/8, 8, N]
+    codes = codes.reshape(-1, codes.shape[-1])
+    g_idx = t["lin.g_idx"].long()
+    weight = t["lin.scales"].float()[g_idx] * (codes - zeros[g_idx]).float()  # [K, N]
+    assert torch.equal(weight.T, q.dequantize())
