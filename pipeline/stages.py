@@ -7,7 +7,6 @@ upstream keys) and its outputs still hash the same; otherwise it runs and overwr
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 import logging
 from pathlib import Path
 
@@ -17,10 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibration.data import build_windows
-from calibration.gptq import QuantizedWeight, load_quantized, rtn, save_quantized
-from calibration.quant import QuantPlan, fake_quantized, select_modules, weight_only_plan
+from calibration.gptq import QuantizedWeight, load_quantized, save_quantized
+from calibration.quant import QuantPlan, fake_quantized
 from calibration.recipe import smooth_and_plan
-from calibration.sequential import GptqSettings, LinearOutcome, gptq_sequential
 from calibration.smoothing import apply_factors
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
 from exporters.gptq_checkpoint import quantization_config, write_checkpoint
@@ -30,7 +28,8 @@ from exporters.qdq import LinearQuantization, grouped_linear, insert_qdq, module
 from pipeline import PipelineError, models, report, tuning, verify
 from pipeline.budget import fit_budget
 from pipeline.artifacts import StageRecords, atomic_path, prepare_out, read_json, versions, write_json
-from pipeline.config import QuantConfig, RunConfig, digest
+from pipeline.config import RunConfig, digest
+from pipeline.weights import FLOAT_MODULES, integer_weights
 from trt_builder import BuildError
 
 log = logging.getLogger(__name__)
@@ -48,8 +47,6 @@ CHECKPOINT = "gptq_checkpoint"  # weight-only schemes: the Hugging Face GPTQ lay
 ENGINE = "model.plan"
 ALPHA_CHOICE = "alpha_choice.json"
 BUDGET = "accuracy_budget.json"
-# Kept float by default: the embedding is a lookup (no GEMM) and the vocab projection is the most sensitive GEMM.
-FLOAT_MODULES = {"model.embed_tokens": "embedding lookup, kept float", "lm_head": "vocab projection, kept float"}
 FAITHFULNESS_WINDOWS = 4
 FP16_GRAPH_WINDOWS = 2
 
@@ -131,8 +128,8 @@ def quantize(run: Run) -> QuantPlan:
         factors, plan, choice = _smoothquant(run, model, spec, windows, outputs)
     else:
         factors, plan, choice = {}, None, {"mode": "none", "reason": f"{cfg.scheme} is weight-only: no smoothing"}
-    weights, plan = _quantize_weights(model, spec, plan, cfg, windows["calibration"],
-                                      run.config.calibration.batch_size, _imported_weights(run, model, spec))
+    weights, plan = integer_weights(model, spec, plan, cfg, windows["calibration"],
+                                    run.config.calibration.batch_size, _imported_weights(run, model, spec))
     with atomic_path(run.path(FACTORS)) as tmp:
         save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
     with atomic_path(run.path(WEIGHTS)) as tmp:
@@ -176,51 +173,6 @@ def _imported_weights(run: Run, model, spec) -> dict[str, QuantizedWeight] | Non
         raise PipelineError(f"MODEL is a {config['bits']}-bit GPTQ checkpoint but QUANT={run.config.quant.scheme}: "
                             f"use QUANT=w{config['bits']}a16-gptq to export its weights as they are")
     return models.imported_gptq_weights(run.source, model, spec)[0]
-
-
-def _quantize_weights(model, spec, plan: QuantPlan | None, cfg: QuantConfig, calibration: np.ndarray,
-                      batch: int, imported: dict[str, QuantizedWeight] | None
-                      ) -> tuple[dict[str, QuantizedWeight], QuantPlan]:
-    """Integer weights of every linear the plan quantizes (W8A8: per channel, after smoothing; weight-only: the
-    plan is made here from --include/--skip): imported from a GPTQ checkpoint, or by RTN, or by layer-by-layer
-    GPTQ on the calibration windows."""
-    recipe = cfg.recipe
-    int8 = recipe.int8_activations
-    names = list(quantizable_linears(model, spec))
-    reasons = {m.name: m.reason for m in plan.modules if m.name in names} if int8 else \
-        select_modules(names, cfg.include, cfg.skip)
-    selected = [n for n in names if not reasons[n]]
-    # W8A8 keeps FP32 per-channel scales (its FP16 graph rounds them as before); weight-only rounds its scales to
-    # FP16 first, so the FP32 graph, the FP16 graph and the GPTQ checkpoint hold the same numbers.
-    settings = GptqSettings(recipe.weight_bits, -1 if int8 else cfg.group_size, cfg.damp, cfg.act_order,
-                            fp16_scales=not int8)
-    method = "imported" if imported is not None else recipe.weight_method
-    if imported is not None:
-        outcomes = {n: imported[n] for n in selected if n in imported}
-        selected = list(outcomes)
-        reasons.update({n: "not quantized in the GPTQ checkpoint" for n in names if n not in imported})
-    elif method == "gptq":
-        outcomes = gptq_sequential(model, spec, set(selected), calibration, batch, settings)
-    else:
-        outcomes = {n: rtn(model.get_submodule(n).weight, settings.bits, settings.group_size, settings.fp16_scales)
-                    for n in selected}
-    weights = {n: o.result.weight if isinstance(o, LinearOutcome) else o for n, o in outcomes.items()}
-    entries = {n: _weight_fields(weights[n], method, outcomes[n]) for n in selected}
-    if int8:
-        return weights, replace(plan, modules=tuple(replace(m, **entries.get(m.name, {})) for m in plan.modules))
-    label = (f"w{recipe.weight_bits}a16: int{recipe.weight_bits} {method} weights"
-             f"{' in INT4 containers' if recipe.weight_bits == 3 else ''}, group size {cfg.group_size}, "
-             "activations float")
-    return weights, weight_only_plan(reasons, label, entries, FLOAT_MODULES)
-
-
-def _weight_fields(q: QuantizedWeight, method: str, outcome) -> dict:
-    fields = {"weight_bits": q.bits, "group_size": q.group_size, "weight_method": method,
-              "weight_scale_min": float(q.scales.min()), "weight_scale_max": float(q.scales.max())}
-    if isinstance(outcome, LinearOutcome):
-        fields.update(output_error=outcome.output_error, rtn_output_error=outcome.rtn_output_error,
-                      damp=outcome.result.damp_used)
-    return fields
 
 
 def smoothed_model(run: Run):
