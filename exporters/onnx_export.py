@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -64,6 +65,7 @@ def export_model(model: torch.nn.Module, dtype: torch.dtype, opset: int, linear_
     with eager_attention(traced):
         graph_model = _trace(LogitsOnly(traced).eval(), opset)
     name_linear_weights(graph_model, linear_names)
+    share_tied_embedding(graph_model)
     return graph_model
 
 
@@ -97,3 +99,24 @@ def name_linear_weights(model: ir.Model, linear_names: list[str]) -> None:
         weight = node.inputs[1]
         if weight is not None and weight.const_value is not None and len(weight.uses()) == 1:
             weight.name = f"{name}.weight_t"
+
+
+def share_tied_embedding(model: ir.Model) -> None:
+    """With tied embeddings the exporter stores the vocab matrix twice: [V, H] for the embedding Gather and a
+    transposed [H, V] copy for the lm_head MatMul (113 MB each for SmolLM2 in FP32). Feed the MatMul a Transpose
+    of the Gather's initializer instead; ONNX Runtime and TensorRT fold the constant Transpose at load time."""
+    nodes = {node.name: node for node in model.graph}
+    gather = nodes.get(f"/{SCOPE}/model/embed_tokens/Gather")
+    matmul = nodes.get(matmul_node_name("lm_head"))
+    if gather is None or matmul is None or gather.inputs[0].const_value is None:
+        return
+    table, head = gather.inputs[0], matmul.inputs[1]
+    if head is None or head.const_value is None or len(head.uses()) != 1:
+        return
+    if not np.array_equal(head.const_value.numpy(), table.const_value.numpy().T):
+        return  # untied: both matrices are real weights
+    transpose = ir.node("Transpose", [table], {"perm": [1, 0]}, name=f"/{SCOPE}/lm_head/Transpose_tied_embedding")
+    transpose.outputs[0].name = "lm_head.weight_t"
+    model.graph.insert_before(matmul, transpose)
+    matmul.replace_input_with(1, transpose.outputs[0])
+    model.graph.initializers.pop(head.name)

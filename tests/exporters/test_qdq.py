@@ -167,3 +167,23 @@ def test_linter_rejects_zero_and_non_finite_scales(exported):
         scale.const_value = ir.tensor(values)
 
     assert {i.rule for i in lint_qdq(broken(exported, mutate))} == {"scale"}
+
+
+def test_tied_embeddings_are_stored_once_and_logits_unchanged(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    graph = export_model(model, torch.float32, 21, [])
+    shapes = [tuple(v.const_value.shape) for v in graph.graph.initializers.values()]
+    assert shapes.count((320, 64)) == 1 and (64, 320) not in shapes
+    path = tmp_path / "tied.onnx"
+    ir.save(graph, path)
+    ids = random_windows(2, 16)
+    with torch.no_grad():
+        expected = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(run_ort(path, ids) - expected).max() < 1e-4
