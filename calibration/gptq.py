@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from calibration import CalibrationError
 
@@ -189,8 +191,6 @@ def layer_output_error(weight: torch.Tensor, quantized: QuantizedWeight, hessian
 
 def save_quantized(weights: dict[str, QuantizedWeight], path) -> None:
     """Codes (int8 container) and scales of every quantized linear, with bits and group size per module."""
-    from safetensors.torch import save_file
-
     tensors, metadata = {}, {}
     for name, q in weights.items():
         tensors[f"{name}.codes"] = q.codes.contiguous()
@@ -200,8 +200,6 @@ def save_quantized(weights: dict[str, QuantizedWeight], path) -> None:
 
 
 def load_quantized(path) -> dict[str, QuantizedWeight]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         result = {}
