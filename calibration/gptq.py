@@ -90,25 +90,66 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, fp16_scales: bool) -> 
     return QuantizedWeight(codes.to(torch.int8), scales, bits, size)
 
 
+# Damping of the float-target solve below, a fraction of mean diag H. Measured on SmolLM2 W4 g128 (8 windows):
+# 0.01 over-fits the correction (perplexity 36.89, worse than plain GPTQ's 36.46), 0.1 gives 35.01.
+FLOAT_TARGET_DAMP = 0.1
+
+
 @dataclass
 class HessianAccumulator:
-    """H = 2/n * sum_x x x^T over the n rows a linear saw (GPTQ eq. 2's Hessian of ||WX - QX||^2)."""
+    """Sums over the n rows a linear saw: x x^T of its inputs in the model being quantized and, when the float
+    model's inputs for the same tokens are given, (x_float - x) x^T and x_float x_float^T.
+
+    H = 2/n sum x x^T is GPTQ eq. 2's Hessian of ||WX - QX||^2."""
 
     in_features: int
     sum_xxt: torch.Tensor | None = None
+    sum_dxt: torch.Tensor | None = None
+    sum_fft: torch.Tensor | None = None
     rows: int = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, float_x: torch.Tensor | None = None) -> None:
         x = x.detach().reshape(-1, self.in_features).double()
         if self.sum_xxt is None:
             self.sum_xxt = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
         self.sum_xxt += x.T @ x
+        if float_x is not None:
+            f = float_x.detach().reshape(-1, self.in_features).double()
+            if self.sum_dxt is None:
+                self.sum_dxt, self.sum_fft = torch.zeros_like(self.sum_xxt), torch.zeros_like(self.sum_xxt)
+            self.sum_dxt += (f - x).T @ x
+            self.sum_fft += f.T @ f
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         if self.sum_xxt is None or self.rows == 0:
             raise CalibrationError("GPTQ saw no calibration inputs for a linear: calibration windows are empty")
         return 2.0 * self.sum_xxt / self.rows
+
+
+def float_target(weight: torch.Tensor, stats: HessianAccumulator) -> torch.Tensor:
+    """The weight W' that best maps this layer's inputs X (after the quantized layers before it) to the float
+    model's output W X_f: argmin ||W X_f - W' X||^2 = W X_f X^T (X X^T)^-1 = W + W (X_f - X) X^T (X X^T)^-1.
+
+    GPTQ then quantizes W' instead of W, so each layer also compensates the error its inputs carry (the
+    asymmetric calibration of GPTAQ, Li et al., 2025, here in closed form before the GPTQ pass)."""
+    h = stats.sum_xxt
+    damped = h + FLOAT_TARGET_DAMP * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    correction = torch.linalg.solve(damped, stats.sum_dxt.T).T  # (X_f - X) X^T (X X^T + lambda I)^-1
+    w = weight.double()
+    return (w + w @ correction).to(weight.dtype)
+
+
+def output_error(weight: torch.Tensor, quantized: QuantizedWeight, stats: HessianAccumulator) -> float:
+    """||W X_f - Q X||^2 / ||W X_f||^2 over the calibration rows, from the sums alone: the error against the float
+    model's output (X_f = X when no float inputs were recorded)."""
+    w, q = weight.double(), quantized.dequantize().double()
+    h = stats.sum_xxt
+    fq = h if stats.sum_dxt is None else h + stats.sum_dxt  # sum x_f x^T
+    ff = h if stats.sum_fft is None else stats.sum_fft
+    target = torch.einsum("nk,kl,nl->", w, ff, w)
+    error = target - 2 * torch.einsum("nk,kl,nl->", w, fq, q) + torch.einsum("nk,kl,nl->", q, h, q)
+    return float(error / target)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -179,14 +220,6 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     if damp_used != damp:
         log.warning("GPTQ: Hessian needed damping %.3g (asked %.3g) to be positive definite", damp_used, damp)
     return GptqResult(QuantizedWeight(codes.to(torch.int8), scales.float(), bits, size), damp_used, act_order)
-
-
-def layer_output_error(weight: torch.Tensor, quantized: QuantizedWeight, hessian: torch.Tensor) -> float:
-    """||(W - Q) X||^2 / ||W X||^2 over the calibration inputs, from H alone (tr(D H D^T) = 2/n sum ||D x||^2)."""
-    w = weight.double()
-    delta = w - quantized.dequantize().double()
-    h = hessian.double()
-    return float(torch.einsum("nk,kl,nl->", delta, h, delta) / torch.einsum("nk,kl,nl->", w, h, w))
 
 
 def save_quantized(weights: dict[str, QuantizedWeight], path) -> None:

@@ -3,11 +3,16 @@ layer corrects for the error of the ones before it; only one layer's inputs are 
 
 Within a layer the linears are quantized in the order the architecture table lists its smoothing groups
 (q/k/v, then o, then gate/up, then down), each group on inputs produced by the groups quantized before it
-("true sequential" in the GPTQ reference code).
+("true sequential" in the GPTQ reference code). The linears of a group read the same activation, so they share
+one set of input statistics.
+
+With float_target (default), an unquantized copy of each layer runs beside it on the float model's hidden
+states, and each linear is fitted to the float model's output rather than to its own (gptq.float_target).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -17,7 +22,7 @@ from tqdm import tqdm
 
 from calibration import CalibrationError
 from calibration.architectures import ArchitectureSpec
-from calibration.gptq import GptqResult, HessianAccumulator, gptq, layer_output_error, rtn
+from calibration.gptq import GptqResult, HessianAccumulator, float_target, gptq, output_error, rtn
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +35,13 @@ class GptqSettings:
     act_order: bool = True
     block_size: int = 128
     fp16_scales: bool = True
+    float_target: bool = True
 
 
 @dataclass(frozen=True)
 class LinearOutcome:
     result: GptqResult
-    output_error: float  # ||(W - Q)X||^2 / ||WX||^2 on this linear's calibration inputs
+    output_error: float  # ||W X_f - Q X||^2 / ||W X_f||^2 on the calibration rows (X_f: the float model's input)
     rtn_output_error: float  # the same for round-to-nearest at the same bits and groups
 
 
@@ -66,13 +72,34 @@ def _first_layer_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, wi
 
 
 def _quantization_order(spec: ArchitectureSpec) -> list[tuple[str, ...]]:
+    """Groups of linears sharing one input, in forward order; a linear outside every group is its own group."""
     ordered = [g.consumers for g in spec.groups]
-    rest = tuple(n for n in spec.linears if not any(n in g for g in ordered))
-    return ordered + ([rest] if rest else [])
+    return ordered + [(n,) for n in spec.linears if not any(n in g for g in ordered)]
 
 
-def _run_layer(layer: torch.nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
-    return [layer(hidden, **kwargs) for hidden, kwargs in inputs]
+def _run_layer(layer: torch.nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    return [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
+
+
+def _group_statistics(layer, reference, first: str, inputs, float_inputs) -> HessianAccumulator:
+    """Input sums of the linear `first` over every calibration batch, with the float model's inputs beside."""
+    captured = {}
+    linear = layer.get_submodule(first)
+    handles = [linear.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0]))]
+    if reference is not None:
+        handles.append(reference.get_submodule(first).register_forward_pre_hook(
+            lambda _m, args: captured.__setitem__("float_x", args[0])))
+    stats = HessianAccumulator(linear.in_features)
+    try:
+        for i, (hidden, kwargs) in enumerate(inputs):
+            layer(hidden, **kwargs)
+            if reference is not None:
+                reference(float_inputs[i][0], **float_inputs[i][1])
+            stats.add(captured["x"], captured.get("float_x"))
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
 
 
 @torch.no_grad()
@@ -82,36 +109,33 @@ def gptq_sequential(model: torch.nn.Module, spec: ArchitectureSpec, selected: se
     each one's codes, scales and output error next to RTN's."""
     layers = model.get_submodule(spec.layers)
     inputs = _first_layer_inputs(model, layers[0], windows, batch_size)
+    float_inputs = list(inputs) if settings.float_target else None
     outcomes: dict[str, LinearOutcome] = {}
     for index, layer in enumerate(tqdm(layers, desc=f"GPTQ W{settings.bits} g{settings.group_size}", unit="layer")):
         prefix = f"{spec.layers}.{index}"
+        reference = copy.deepcopy(layer) if settings.float_target else None
         for group in _quantization_order(spec):
             names = [n for n in group if f"{prefix}.{n}" in selected]
             if not names:
                 continue
-            linears = {f"{prefix}.{n}": layer.get_submodule(n) for n in names}
-            accumulators = {name: HessianAccumulator(m.in_features) for name, m in linears.items()}
-            handles = [m.register_forward_pre_hook(lambda _m, args, acc=accumulators[name]: acc.add(args[0]))
-                       for name, m in linears.items()]
-            try:
-                _run_layer(layer, inputs)
-            finally:
-                for h in handles:
-                    h.remove()
-            for name, linear in linears.items():
-                outcomes[name] = _quantize_linear(name, linear, accumulators[name].hessian(), settings)
-        inputs = [(out, kwargs) for out, (_, kwargs) in zip(_run_layer(layer, inputs), inputs)]
+            stats = _group_statistics(layer, reference, names[0], inputs, float_inputs)
+            for n in names:
+                outcomes[f"{prefix}.{n}"] = _quantize_linear(f"{prefix}.{n}", layer.get_submodule(n), stats, settings)
+        inputs = _run_layer(layer, inputs)
+        if reference is not None:
+            float_inputs = _run_layer(reference, float_inputs)
     return outcomes
 
 
-def _quantize_linear(name: str, linear: torch.nn.Linear, hessian: torch.Tensor, s: GptqSettings) -> LinearOutcome:
+def _quantize_linear(name: str, linear: torch.nn.Linear, stats: HessianAccumulator, s: GptqSettings) -> LinearOutcome:
+    hessian = stats.hessian()
     if not torch.isfinite(hessian).all():
         raise CalibrationError(f"NaN/Inf inputs reached {name} during GPTQ: the model or the calibration text "
                                "produces non-finite activations; run the model in float32 and check its weights")
-    result = gptq(linear.weight, hessian, s.bits, s.group_size, s.damp, s.act_order, s.block_size, s.fp16_scales)
+    target = float_target(linear.weight, stats) if stats.sum_dxt is not None else linear.weight
+    result = gptq(target, hessian, s.bits, s.group_size, s.damp, s.act_order, s.block_size, s.fp16_scales)
     baseline = rtn(linear.weight, s.bits, s.group_size, s.fp16_scales)
-    outcome = LinearOutcome(result, layer_output_error(linear.weight, result.weight, hessian),
-                            layer_output_error(linear.weight, baseline, hessian))
+    outcome = LinearOutcome(result, output_error(linear.weight, result.weight, stats),
+                            output_error(linear.weight, baseline, stats))
     linear.weight.copy_(result.weight.dequantize().to(linear.weight.dtype))
     return outcome
-

@@ -53,6 +53,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damp", type=float, default=d_q.damp, help="GPTQ dampening, fraction of mean Hessian diagonal")
     p.add_argument("--no-act-order", action="store_true",
                    help="GPTQ in natural column order (default: act-order with static groups)")
+    p.add_argument("--no-float-target", action="store_true",
+                   help="GPTQ fits each layer to its own float output on quantized inputs (the original GPTQ) "
+                        "instead of the float model's output")
     p.add_argument("--alpha", type=_alpha, default=d_q.alpha,
                    help="SmoothQuant migration strength: a number in [0, 1] for every layer, 'auto' (per-group search "
                         "on calibration inputs) or 'grid' (best global value on the holdout windows)")
@@ -93,7 +96,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         quant=QuantConfig(args.alpha, not args.no_smooth, tuple(args.include), tuple(args.skip),
                           args.range_estimator, args.percentile, accuracy_budget=args.accuracy_budget,
                           scheme=args.quant, group_size=args.group_size, damp=args.damp,
-                          act_order=not args.no_act_order),
+                          act_order=not args.no_act_order, float_target=not args.no_float_target),
         export=ExportConfig(),
         build=BuildConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, require_plan=args.require_plan),
     )

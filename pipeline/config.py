@@ -64,6 +64,7 @@ class QuantConfig:
     group_size: int = 128  # weight-only schemes: input columns per scale; -1 per output channel
     damp: float = 0.01  # GPTQ dampening, a fraction of the Hessian's mean diagonal
     act_order: bool = True  # GPTQ visits columns by decreasing Hessian diagonal (static groups)
+    float_target: bool = True  # GPTQ fits each layer to the float model's output, compensating upstream error
 
     @property
     def recipe(self) -> Scheme:

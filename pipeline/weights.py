@@ -30,7 +30,7 @@ def integer_weights(model, spec, plan: QuantPlan | None, cfg: QuantConfig, calib
     # W8A8 keeps FP32 per-channel scales (its FP16 graph rounds them as before); weight-only rounds its scales to
     # FP16 first, so the FP32 graph, the FP16 graph and the GPTQ checkpoint hold the same numbers.
     settings = GptqSettings(recipe.weight_bits, -1 if int8 else cfg.group_size, cfg.damp, cfg.act_order,
-                            fp16_scales=not int8)
+                            fp16_scales=not int8, float_target=cfg.float_target)
     method = "imported" if imported is not None else recipe.weight_method
     if imported is not None:
         outcomes = {n: imported[n] for n in selected if n in imported}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from calibration.architectures import spec_for_model_type
-from calibration.gptq import (HessianAccumulator, QuantizedWeight, code_range, gptq, group_scales,
-                              layer_output_error, load_quantized, rtn, save_quantized)
+from calibration.gptq import (HessianAccumulator, QuantizedWeight, code_range, float_target, gptq, group_scales,
+                              load_quantized, output_error, rtn, save_quantized)
 from calibration.sequential import GptqSettings, gptq_sequential
 from calibration.stats import quantizable_linears
 from tests.conftest import random_windows, tiny_model
@@ -23,10 +23,14 @@ def correlated_inputs(rows=512, features=96, seed=0):
     return x
 
 
-def hessian_of(x):
+def statistics(x, float_x=None):
     acc = HessianAccumulator(x.shape[1])
-    acc.add(x)
-    return acc.hessian()
+    acc.add(x, float_x)
+    return acc
+
+
+def hessian_of(x):
+    return statistics(x).hessian()
 
 
 def direct_error(weight, quantized, x):
@@ -43,10 +47,29 @@ def test_gptq_lowers_the_layer_output_error_against_rtn(bits, group_size, act_or
     baseline = rtn(weight, bits, group_size, fp16_scales=True)
     ours, theirs = direct_error(weight, result.weight, x), direct_error(weight, baseline, x)
     assert ours < 0.8 * theirs, (ours, theirs)
-    # The error computed from H alone is the error on the inputs themselves.
-    assert layer_output_error(weight, result.weight, h) == pytest.approx(ours, rel=1e-6)
+    # The error computed from the sums alone is the error on the inputs themselves.
+    assert output_error(weight, result.weight, statistics(x)) == pytest.approx(ours, rel=1e-6)
     lo, hi = code_range(bits)
     assert result.weight.codes.min() >= lo and result.weight.codes.max() <= hi
+
+
+def test_float_target_fits_the_float_output_from_perturbed_inputs():
+    """A layer whose inputs carry upstream quantization error: fitting W' to the float output W X_f from the
+    perturbed inputs X beats using W itself, and output_error measures exactly ||W X_f - Q X|| / ||W X_f||."""
+    float_x = correlated_inputs()
+    distortion = torch.eye(96) + 0.05 * torch.randn(96, 96, generator=torch.Generator().manual_seed(3))
+    x = float_x @ distortion  # a systematic error, which a linear layer can undo
+    weight = torch.randn(32, 96, generator=torch.Generator().manual_seed(4))
+    stats = statistics(x, float_x)
+
+    def error(w):
+        return float(((float_x @ weight.T - x @ w.T) ** 2).sum() / ((float_x @ weight.T) ** 2).sum())
+
+    fitted = float_target(weight, stats)
+    assert error(fitted) < 0.2 * error(weight)
+    q = gptq(fitted, stats.hessian(), 4, 32).weight
+    assert output_error(weight, q, stats) == pytest.approx(error(q.dequantize()), rel=1e-6)
+    assert output_error(weight, q, stats) < output_error(weight, rtn(weight, 4, 32, True), stats)
 
 
 def test_static_group_act_order_keeps_groups_contiguous_along_k():
