@@ -63,7 +63,7 @@ class ModuleEntry:
     weight_bits: int | None = None
     group_size: int | None = None  # input columns per weight scale; in_features when per output channel
     weight_method: str | None = None  # "rtn" | "gptq" | "imported"
-    output_error: float | None = None  # GPTQ: ||(W - Q)X||^2 / ||WX||^2 on the calibration inputs
+    output_error: float | None = None  # GPTQ: ||W X_f - Q X||^2 / ||W X_f||^2 on the calibration rows
     rtn_output_error: float | None = None  # the same for round-to-nearest, for comparison
     damp: float | None = None  # GPTQ dampening finally used (more than asked when H was not positive definite)
 

@@ -167,7 +167,8 @@ def _weights_line(w: dict) -> str:
     line = (f"Weights: {'/'.join(w['methods'])}, {'/'.join(map(str, w['bits']))} bits, "
             f"group size {'/'.join(map(str, w['group_sizes']))} input columns.")
     if "output_error_mean" in w:
-        line += (f" GPTQ layer output error (||(W-Q)X||^2/||WX||^2, calibration inputs) mean "
+        line += (f" GPTQ layer output error (||W X_f - Q X||^2/||W X_f||^2 on the calibration rows, X_f the float "
+                 f"model's input) mean "
                  f"{w['output_error_mean']:.3g} vs RTN {w['rtn_output_error_mean']:.3g}; lower than RTN on "
                  f"{w['linears_better_than_rtn']}/{w['linears_measured']} linears; damping raised on "
                  f"{len(w['damping_raised'])}.")
