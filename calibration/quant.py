@@ -13,28 +13,16 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from calibration import CalibrationError
+from calibration.gptq import rtn
 
-QMAX = 127  # symmetric: scales map absmax to 127, so -128 is never produced by the weights
+QMAX = 127  # symmetric: activation scales map absmax to 127
 QMIN_ACT = -128  # ONNX QuantizeLinear saturates to [-128, 127]; the simulation must do the same
 
 
-@torch.no_grad()
-def weight_scales(weight: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel scale of a [out, in] weight. An all-zero row gets scale 1 (any positive value is exact)."""
-    absmax = weight.float().abs().amax(dim=1)
-    return torch.where(absmax > 0, absmax / QMAX, torch.ones_like(absmax))
-
-
-@torch.no_grad()
-def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(weight.float() / scales[:, None]), -QMAX, QMAX).to(torch.int8)
-
-
-@torch.no_grad()
 def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
-    """DQ(Q(W)) with per-output-channel scales: the weights the exported DequantizeLinear produces."""
-    scales = weight_scales(weight)
-    return quantize_weight(weight, scales).float() * scales[:, None]
+    """DQ(Q(W)) with INT8 per-output-channel scales (absmax / 127, gptq.SCALE_DIVISOR): the weights the
+    exported DequantizeLinear produces for round-to-nearest W8A8."""
+    return rtn(weight, 8, -1, fp16_scales=False).dequantize()
 
 
 def activation_scale(absmax: float) -> float:
@@ -122,11 +110,9 @@ def build_plan(linears: dict[str, torch.nn.Linear], input_ranges: dict[str, floa
         if reasons[name]:
             entries.append(ModuleEntry(status="skipped", reason=reasons[name], **common))
             continue
-        w_scales = weight_scales(linear.weight)
-        entries.append(ModuleEntry(
-            status="quantized", reason="", input_absmax=input_ranges[name],
-            input_scale=activation_scale(input_ranges[name]), weight_scale_min=float(w_scales.min()),
-            weight_scale_max=float(w_scales.max()), **common))
+        # Weight fields (scales, bits, method) are filled when the integer weights are made (pipeline.weights).
+        entries.append(ModuleEntry(status="quantized", reason="", input_absmax=input_ranges[name],
+                                   input_scale=activation_scale(input_ranges[name]), **common))
     for name, reason in float_modules.items():
         entries.append(ModuleEntry(name=name, status="float", reason=reason, smoothed=False, alpha=None))
     return QuantPlan(recipe="w8a8: int8 per-channel weights, int8 per-tensor static activations",

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from calibration.architectures import spec_for_model_type
 from calibration.stats import collect_input_absmax, quantizable_linears
+from exporters.onnx_export import export_model
+from exporters.qdq import insert_qdq
 
 VOCAB = 320
 TEXT = (
@@ -78,3 +81,16 @@ def calibrated(model, windows=None):
     linears = quantizable_linears(model, spec)
     absmax = collect_input_absmax(model, linears, random_windows() if windows is None else windows)
     return spec, linears, absmax
+
+
+def export_both_graphs(model, names, quantizations, folder):
+    """The FP32 graph (FP32 scales, for ONNX Runtime) and the FP16 graph (FP16 scales, for TensorRT), saved:
+    dtype -> (graph, path)."""
+    graphs = {}
+    for dtype, scale_dtype in ((torch.float32, np.float32), (torch.float16, np.float16)):
+        graph = export_model(model, dtype, 21, names)
+        insert_qdq(graph, quantizations, scale_dtype)
+        path = folder / f"{dtype}.onnx"
+        ir.save(graph, path)
+        graphs[dtype] = (graph, path)
+    return graphs

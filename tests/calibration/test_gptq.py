@@ -99,11 +99,16 @@ def test_a_group_size_that_does_not_divide_k_leaves_a_shorter_last_group():
 
 
 def test_rtn_int8_per_channel_is_the_w8a8_weight_rule():
-    from calibration.quant import fake_quant_weight
-
+    """absmax / 127 per output row (all-zero row: scale 1), codes in [-127, 127], every row's absmax hits 127."""
     weight = torch.randn(16, 48)
     weight[3] = 0.0
-    assert torch.equal(rtn(weight, 8, -1, fp16_scales=False).dequantize(), fake_quant_weight(weight))
+    q = rtn(weight, 8, -1, fp16_scales=False)
+    absmax = weight.abs().amax(dim=1)
+    expected = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+    assert q.scales.shape == (16, 1) and torch.equal(q.scales[:, 0], expected)
+    assert torch.equal(q.codes, torch.round(weight / expected[:, None]).to(torch.int8))
+    nonzero = torch.arange(16) != 3
+    assert torch.all(q.codes.abs().amax(dim=1)[nonzero] == 127) and torch.all(q.codes[3] == 0)
 
 
 def test_degenerate_hessian_gets_more_damping_and_stays_finite():

@@ -11,10 +11,9 @@ from calibration.quant import QuantPlan, fake_quantized, weight_only_plan
 from calibration.stats import quantizable_linears
 from calibration.architectures import spec_for_model_type
 from exporters.lint import lint_qdq
-from exporters.onnx_export import export_model
-from exporters.qdq import grouped_linear, insert_qdq
+from exporters.qdq import grouped_linear
 from pipeline.verify import onnx_session
-from tests.conftest import random_windows, tiny_model
+from tests.conftest import export_both_graphs, random_windows, tiny_model
 
 GROUP = 48  # does not divide K = 64: groups of 48 + 16, exported as blocks of 16 carrying their group's scale
 
@@ -33,14 +32,7 @@ def exported(request, tmp_path_factory):
     model, names, weights, plan = weight_only(bits)
     linears = [grouped_linear(n, w.codes.numpy(), w.scales.numpy(), w.group_size, None, bits)
                for n, w in weights.items()]
-    graphs = {}
-    for dtype, scale_dtype in ((torch.float32, np.float32), (torch.float16, np.float16)):
-        graph = export_model(model, dtype, 21, names)
-        insert_qdq(graph, linears, scale_dtype)
-        path = tmp_path_factory.mktemp("int4") / f"{dtype}.onnx"
-        ir.save(graph, path)
-        graphs[dtype] = (graph, path)
-    return bits, model, weights, plan, graphs
+    return bits, model, weights, plan, export_both_graphs(model, names, linears, tmp_path_factory.mktemp("int4"))
 
 
 def test_weights_are_int4_blocked_along_k_and_activations_stay_float(exported):

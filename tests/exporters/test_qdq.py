@@ -6,14 +6,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from calibration.quant import fake_quantized, quantize_weight, weight_scales
+from calibration.gptq import rtn
+from calibration.quant import fake_quantized
 from calibration.recipe import Recipe, smooth_and_plan
 from calibration.smoothing import uniform_alpha
 from exporters import ExportError
 from exporters.lint import lint_or_raise, lint_qdq
 from exporters.onnx_export import export_model
-from exporters.qdq import LinearQuantization, insert_qdq, module_node_map
-from tests.conftest import calibrated, random_windows, tiny_model
+from exporters.qdq import LinearQuantization, module_node_map
+from tests.conftest import calibrated, export_both_graphs, random_windows, tiny_model
 
 
 def smoothed_and_planned():
@@ -23,23 +24,15 @@ def smoothed_and_planned():
                               4, {"lm_head": "kept float"})
     quantizations = []
     for entry in plan.quantized():
-        w = linears[entry.name].weight
-        s = weight_scales(w)
-        quantizations.append(LinearQuantization(entry.name, quantize_weight(w, s).numpy(), s.numpy(), entry.input_scale))
+        q = rtn(linears[entry.name].weight, 8, -1, fp16_scales=False)
+        quantizations.append(LinearQuantization(entry.name, q.codes.numpy(), q.scales[:, 0].numpy(), entry.input_scale))
     return model, list(linears), plan, quantizations
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model, names, plan, quantizations = smoothed_and_planned()
-    graphs = {}
-    for dtype, scale_dtype in ((torch.float32, np.float32), (torch.float16, np.float16)):
-        graph = export_model(model, dtype, 21, names)
-        insert_qdq(graph, quantizations, scale_dtype)
-        path = tmp_path_factory.mktemp("onnx") / f"{dtype}.onnx"
-        ir.save(graph, path)
-        graphs[dtype] = (graph, path)
-    return model, plan, graphs
+    return model, plan, export_both_graphs(model, names, quantizations, tmp_path_factory.mktemp("onnx"))
 
 
 def run_ort(path, ids):
