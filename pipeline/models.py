@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -130,13 +131,22 @@ def imported_gptq_weights(source: ModelSource, model: torch.nn.Module, spec: Arc
     """Codes and scales of a GPTQ checkpoint's linears, exactly as stored (no re-quantization)."""
     from calibration.stats import quantizable_linears
     from exporters import ExportError
-    from exporters.gptq_checkpoint import read_checkpoint
 
-    shapes = {n: tuple(m.weight.shape) for n, m in quantizable_linears(model, spec).items()}
+    shapes = tuple((n, tuple(m.weight.shape)) for n, m in quantizable_linears(model, spec).items())
     try:
-        return read_checkpoint(Path(source.location), shapes)
+        files = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                      for p in sorted(Path(source.location).glob("*.safetensors")))  # a rewritten file is re-read
+        return _read_checkpoint_once(source.location, files, shapes)
     except (ExportError, KeyError, ValueError) as e:
         raise PipelineError(f"cannot import the GPTQ checkpoint '{source.spec}': {_first_line(e)}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _read_checkpoint_once(location: str, _files: tuple, shapes: tuple):
+    """Loading the model and the quantize stage both need the checkpoint's tensors: read and unpack them once."""
+    from exporters.gptq_checkpoint import read_checkpoint
+
+    return read_checkpoint(Path(location), dict(shapes))
 
 
 def _load_gptq_checkpoint(source: ModelSource, spec: ArchitectureSpec) -> torch.nn.Module:
