@@ -1,4 +1,4 @@
-"""Export a causal LM to ONNX: input_ids, attention_mask -> logits, dynamic batch and sequence.
+"""Export a causal LM to one ONNX decoder graph with KV cache (exporters/decoder_io.py: prefill and decode).
 
 Exporter choice: torch.onnx's TorchScript exporter (dynamo=False), pinned with torch 2.13.0. On transformers 5.23
 it reproduces PyTorch logits to ~1e-7 including padded masks, names nodes by module scope (our module->node map
@@ -17,30 +17,63 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from exporters import ExportError
+from exporters.decoder_io import DecoderShape
 from exporters.naming import SCOPE, matmul_node_name
 
 log = logging.getLogger(__name__)
 
-INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAMES = ("logits",)
-DYNAMIC_AXES = {
-    "input_ids": {0: "batch", 1: "sequence"},
-    "attention_mask": {0: "batch", 1: "sequence"},
-    "logits": {0: "batch", 1: "sequence"},
-}
+
+def additive_mask(attention_mask: torch.Tensor, sequence: int, dtype: torch.dtype) -> torch.Tensor:
+    """[batch, 1, sequence, total] additive mask: query i (at absolute slot total - sequence + i) sees key j when
+    j <= its slot and attention_mask[b, j] is 1. Each query also sees its own slot, so a left-padding query row is
+    never fully masked: a fully masked row would softmax to NaN in FP16, and NaN values times zero attention
+    weights would then poison every real token that reads the padded slot's V."""
+    total = attention_mask.shape[1]
+    keys = torch.arange(total, device=attention_mask.device)
+    queries = keys[total - sequence:]
+    causal = keys[None, :] <= queries[:, None]
+    own = keys[None, :] == queries[:, None]
+    allowed = (causal[None, None] & attention_mask[:, None, None, :].bool()) | own[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
 
 
-class LogitsOnly(torch.nn.Module):
-    """Prefill-only view of a causal LM (the KV-cache graph is a separate export)."""
+def filled_cache(past: tuple[torch.Tensor, ...]) -> Cache:
+    """A transformers Cache whose layers already hold the graph's past tensors.
+
+    DynamicCache(ddp_cache_data=...) would first concatenate each past onto a 1-D empty tensor (its lazy
+    initialisation), which traces into a rank-mismatched ONNX Concat; pre-initialised layers leave exactly one
+    Concat(past, new) per key and value, which is the present output."""
+    layers = []
+    for key, value in zip(past[0::2], past[1::2]):
+        layer = DynamicLayer()
+        layer.keys, layer.values = key, value
+        layer.dtype, layer.device, layer.is_initialized = key.dtype, key.device, True
+        layers.append(layer)
+    return Cache(layers=layers)
+
+
+class DecoderWithCache(torch.nn.Module):
+    """input_ids, attention_mask, position_ids, past k/v... -> logits, present k/v... (decoder_io's contract).
+
+    The 4-D mask is built here from graph inputs: transformers' own mask builder reads the past length from the
+    cache as a Python int, which the tracer would freeze into the graph."""
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         setattr(self, SCOPE, lm)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return getattr(self, SCOPE)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        lm = getattr(self, SCOPE)
+        cache = filled_cache(past)
+        mask = additive_mask(attention_mask, input_ids.shape[1], lm.dtype)
+        logits = lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                    use_cache=True).logits
+        present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        return (logits, *present)
 
 
 @contextlib.contextmanager
@@ -60,25 +93,28 @@ def eager_attention(model: torch.nn.Module):
 
 
 def export_model(model: torch.nn.Module, dtype: torch.dtype, opset: int, linear_names: list[str]) -> ir.Model:
-    """Trace `model` (copied and cast to dtype) and return the graph with readable weight names."""
+    """Trace `model` (copied and cast to dtype) and return the decoder graph with readable weight names."""
     traced = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     with eager_attention(traced):
-        graph_model = _trace(LogitsOnly(traced).eval(), opset)
+        graph_model = _trace(DecoderWithCache(traced).eval(), DecoderShape.from_config(model.config), dtype, opset)
     name_linear_weights(graph_model, linear_names)
     share_tied_embedding(graph_model)
     return graph_model
 
 
-def _trace(wrapper: torch.nn.Module, opset: int) -> ir.Model:
-    sample = torch.ones(1, 8, dtype=torch.int64)
+def _trace(wrapper: torch.nn.Module, shape: DecoderShape, dtype: torch.dtype, opset: int) -> ir.Model:
+    # Sample sizes all distinct and > 1 (batch 2, 3 past, 4 new) so the tracer cannot confuse or specialise them.
+    batch, past, new = 2, 3, 4
+    ids = torch.ones(batch, new, dtype=torch.int64)
+    sample = (ids, torch.ones(batch, past + new, dtype=torch.int64), torch.arange(past, past + new).repeat(batch, 1),
+              *[torch.zeros(shape.kv_shape(batch, past), dtype=dtype) for _ in shape.past_names])
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes are expected here
         path = Path(tmp) / "model.onnx"
         try:
             torch.onnx.export(
-                wrapper, (sample, torch.ones_like(sample)), str(path), input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES), dynamic_axes=DYNAMIC_AXES, opset_version=opset, dynamo=False,
-                do_constant_folding=True,
+                wrapper, sample, str(path), input_names=shape.input_names, output_names=shape.output_names,
+                dynamic_axes=shape.dynamic_axes(), opset_version=opset, dynamo=False, do_constant_folding=True,
             )
         except Exception as e:  # the exporter raises many types; report one line with the cause
             raise ExportError(f"torch.onnx export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e

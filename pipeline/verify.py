@@ -11,7 +11,10 @@ import numpy as np
 import torch
 import onnxruntime as ort
 from polygraphy.backend.onnxrt import OnnxrtRunner
+from polygraphy.datatype import DataType
 from tqdm import tqdm
+
+from exporters.decoder_io import DecoderShape
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +81,25 @@ class Perplexity:
         return float(np.exp(self.nll / self.count))
 
 
-def onnx_session(path: Path) -> ort.InferenceSession:
+def onnx_session(path: Path, providers: list[str] | None = None) -> ort.InferenceSession:
     """A CPU session that computes what the graph says. ONNX Runtime's default optimizer fuses an INT4 blocked
     DequantizeLinear + MatMul into MatMulNBits with accuracy_level 4, which also quantizes the activations to
     INT8 on the fly: a W4A8 kernel, not the W4A16 graph. Level 0 keeps the float activations."""
     options = ort.SessionOptions()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
 def onnx_runner(path: Path) -> OnnxrtRunner:
     return OnnxrtRunner(lambda: onnx_session(path))
 
 
-def feed(window: np.ndarray) -> dict[str, np.ndarray]:
-    ids = window[None, :].astype(np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+def window_feeder(runner: OnnxrtRunner):
+    """window -> the decoder graph's inputs for that whole window with an empty past (teacher-forced logits)."""
+    metadata = runner.get_input_metadata()
+    shape = DecoderShape.from_inputs({name: meta.shape for name, meta in metadata.items()})
+    past_dtype = DataType.to_dtype(metadata[shape.past_names[0]].dtype, "numpy")
+    return lambda window: shape.prefill_feed(window[None, :], past_dtype)
 
 
 def torch_logits(model: torch.nn.Module, window: np.ndarray) -> np.ndarray:
@@ -105,6 +111,7 @@ def compare_with_torch(path: Path, model: torch.nn.Module, windows: np.ndarray, 
     """ONNX Runtime on the graph vs the PyTorch module it was exported from (or simulates)."""
     stats = PairStats()
     with onnx_runner(path) as runner:
+        feed = window_feeder(runner)
         for window in tqdm(windows, desc=f"checking {label}", unit="window"):
             stats.add(torch_logits(model, window), runner.infer(feed(window))["logits"])
     return stats.summary()
@@ -131,9 +138,10 @@ def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label:
     """Perplexity of both graphs and the candidate's agreement with the reference on the same windows."""
     ppl_ref, ppl_cand, pair = Perplexity(), Perplexity(), PairStats()
     with onnx_runner(reference) as ref_runner, onnx_runner(candidate) as cand_runner:
+        ref_feed, cand_feed = window_feeder(ref_runner), window_feeder(cand_runner)
         for window in tqdm(windows, desc=f"evaluating {label}", unit="window"):
-            ref = ref_runner.infer(feed(window))["logits"]
-            cand = cand_runner.infer(feed(window))["logits"].astype(np.float32)
+            ref = ref_runner.infer(ref_feed(window))["logits"]
+            cand = cand_runner.infer(cand_feed(window))["logits"].astype(np.float32)
             ppl_ref.add(ref, window[None, :])
             ppl_cand.add(cand, window[None, :])
             pair.add(ref, cand)

@@ -12,7 +12,7 @@ from calibration.stats import quantizable_linears
 from calibration.architectures import spec_for_model_type
 from exporters.lint import lint_qdq
 from exporters.qdq import grouped_linear
-from pipeline.verify import onnx_session
+from pipeline.runtime import OnnxDecoder
 from tests.conftest import export_both_graphs, random_windows, tiny_model
 
 GROUP = 48  # does not divide K = 64: groups of 48 + 16, exported as blocks of 16 carrying their group's scale
@@ -59,8 +59,7 @@ def test_weights_are_int4_blocked_along_k_and_activations_stay_float(exported):
 def test_onnx_runtime_matches_the_dequantized_pytorch_model(exported):
     _, model, weights, plan, graphs = exported
     ids = random_windows(3, 32, seed=5)
-    session = onnx_session(graphs[torch.float32][1])
-    onnx_logits = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    onnx_logits = OnnxDecoder(graphs[torch.float32][1]).prefill_logits(ids)
     with fake_quantized(model, plan, {n: w.dequantize() for n, w in weights.items()}), torch.no_grad():
         torch_logits = model(input_ids=torch.from_numpy(ids)).logits.numpy()
     assert np.abs(onnx_logits - torch_logits).max() < 1e-4

@@ -2,7 +2,6 @@
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -14,6 +13,7 @@ from exporters import ExportError
 from exporters.lint import lint_or_raise, lint_qdq
 from exporters.onnx_export import export_model
 from exporters.qdq import LinearQuantization, module_node_map
+from pipeline.runtime import OnnxDecoder
 from tests.conftest import calibrated, export_both_graphs, random_windows, tiny_model
 
 
@@ -36,8 +36,7 @@ def exported(tmp_path_factory):
 
 
 def run_ort(path, ids):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    return OnnxDecoder(path).prefill_logits(ids)
 
 
 def producer_op(value):

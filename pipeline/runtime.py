@@ -1,0 +1,121 @@
+"""`load(path)`: an engine for a TensorRT `.plan` or an `.onnx` decoder graph, with one interface:
+`new_cache(batch, max_length)`, `step(input_ids, attention_mask, position_ids, cache) -> (logits, cache)` and
+`generate(prompt, ...)`. A service needs only the output folder: graph or plan, its manifest, and tokenizer/."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from exporters.decoder_io import IDS, MASK, POSITIONS, LOGITS, DecoderShape
+from pipeline import PipelineError
+from pipeline.generation import TextGeneration
+
+log = logging.getLogger(__name__)
+
+TOKENIZER = "tokenizer"  # folder next to the graphs, written by the export stage
+
+
+class KVCache:
+    """Past keys and values of one batch, in two buffers per tensor allocated once at the full length.
+
+    A step reads its past from one buffer and writes its present into the other (a graph input and output may not
+    share memory in ONNX Runtime or TensorRT), then the roles swap. Each buffer is flat, so the contiguous
+    [batch, kv_heads, length, head_dim] view of any length up to the maximum lies at its start."""
+
+    def __init__(self, shape: DecoderShape, batch: int, max_length: int, zeros):
+        self.shape, self.batch, self.max_length = shape, batch, max_length
+        size = int(np.prod(shape.kv_shape(batch, max_length)))
+        self._buffers = [zeros((len(shape.past_names), size)), zeros((len(shape.past_names), size))]
+        self._current = 0
+        self.length = 0
+
+    def _views(self, buffer, length: int) -> list:
+        dims = self.shape.kv_shape(self.batch, length)
+        return [row[: int(np.prod(dims))].reshape(dims) for row in buffer]
+
+    def past(self) -> dict:
+        return dict(zip(self.shape.past_names, self._views(self._buffers[self._current], self.length)))
+
+    def present(self, new_tokens: int) -> dict:
+        """Output views for this step; refuses to run past the length the buffers were allocated for."""
+        total = self.length + new_tokens
+        if total > self.max_length or new_tokens < 1:
+            raise PipelineError(f"a step of {new_tokens} tokens after {self.length} exceeds the KV cache of "
+                                f"{self.max_length}: allocate new_cache with a larger max_length")
+        return dict(zip(self.shape.present_names, self._views(self._buffers[1 - self._current], total)))
+
+    def advance(self, new_tokens: int) -> None:
+        self._current, self.length = 1 - self._current, self.length + new_tokens
+
+
+def check_step_inputs(cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+    batch, new = input_ids.shape
+    if batch != cache.batch or position_ids.shape != input_ids.shape or attention_mask.shape != (batch, cache.length + new):
+        raise PipelineError(f"step inputs disagree: input_ids {input_ids.shape}, position_ids {position_ids.shape}, "
+                            f"attention_mask {attention_mask.shape} with {cache.length} cached tokens of batch "
+                            f"{cache.batch}: the mask must cover past + new tokens")
+
+
+class OnnxDecoder(TextGeneration):
+    """The decoder graph in ONNX Runtime (CPU by default). KV tensors are bound in place with IOBinding, so a
+    decode step copies nothing but the logits."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, providers: list[str] | None = None):
+        from pipeline.verify import onnx_session  # the same session options as verification
+
+        self.path = Path(path)
+        self.session = onnx_session(self.path, providers)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.shape = DecoderShape.from_inputs({name: i.shape for name, i in inputs.items()})
+        self.kv_dtype = np.float16 if inputs[self.shape.past_names[0]].type == "tensor(float16)" else np.float32
+        self.tokenizer = load_tokenizer(self.path.parent)
+
+    def new_cache(self, batch: int, max_length: int) -> KVCache:
+        return KVCache(self.shape, batch, max_length, lambda dims: np.zeros(dims, dtype=self.kv_dtype))
+
+    def step(self, input_ids, attention_mask, position_ids, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        check_step_inputs(cache, input_ids, attention_mask, position_ids)
+        binding = self.session.io_binding()
+        for name, array in ((IDS, input_ids), (MASK, attention_mask), (POSITIONS, position_ids)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+        for name, view in cache.past().items():
+            binding.bind_cpu_input(name, view)
+        binding.bind_output(LOGITS)  # first: copy_outputs_to_cpu returns outputs in binding order
+        for name, view in cache.present(input_ids.shape[1]).items():
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(view))
+        self.session.run_with_iobinding(binding)
+        logits = binding.copy_outputs_to_cpu()[0]
+        cache.advance(input_ids.shape[1])
+        return logits.astype(np.float32, copy=False), cache
+
+    def prefill_logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Teacher-forced logits of whole unpadded windows (no cache kept)."""
+        return self.session.run([LOGITS], self.shape.prefill_feed(input_ids, self.kv_dtype))[0]
+
+
+def load_tokenizer(folder: Path):
+    if not (folder / TOKENIZER).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder / TOKENIZER))
+
+
+def load(path: str | Path, providers: list[str] | None = None):
+    """An engine for `path`: a `.plan` (TensorRT, needs the GPU extra) or an `.onnx` decoder graph (ONNX Runtime)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"no engine at {path}: pass OUT/model.plan or OUT/quantized.onnx from `make engine`")
+    if path.suffix == ".plan":
+        from trt_builder.runtime import TrtDecoder
+
+        return TrtDecoder(path)
+    if path.suffix == ".onnx":
+        return OnnxDecoder(path, providers)
+    raise PipelineError(f"{path.name}: unknown engine type '{path.suffix}'; expected .plan (TensorRT) or .onnx")
