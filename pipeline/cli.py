@@ -70,7 +70,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include", action="append", default=[], help="quantize only modules matching this glob")
     p.add_argument("--skip", action="append", default=[], help="keep modules matching this glob in float")
     p.add_argument("--max-batch", type=int, default=d_b.max_batch, help="TensorRT profile max batch")
-    p.add_argument("--max-seq-len", type=int, default=d_b.max_seq_len, help="TensorRT profile max sequence")
+    p.add_argument("--max-input-len", type=int, default=d_b.max_input_len, help="TensorRT prefill profile: longest prompt")
+    p.add_argument("--max-seq-len", type=int, default=d_b.max_seq_len,
+                   help="TensorRT decode profile: longest prompt + generated tokens")
     p.add_argument("--require-plan", action="store_true", default=os.environ.get("REQUIRE_PLAN") == "1",
                    help="fail when the TensorRT plan cannot be built (also REQUIRE_PLAN=1)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -98,7 +100,8 @@ def config_from(args: argparse.Namespace) -> RunConfig:
                           scheme=args.quant, group_size=args.group_size, damp=args.damp,
                           act_order=not args.no_act_order, float_target=not args.no_float_target),
         export=ExportConfig(),
-        build=BuildConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, require_plan=args.require_plan),
+        build=BuildConfig(max_batch=args.max_batch, max_input_len=args.max_input_len, max_seq_len=args.max_seq_len,
+                          require_plan=args.require_plan),
     )
 
 
@@ -108,7 +111,9 @@ def run(argv: list[str] | None = None) -> int:
     try:
         from pipeline import stages
 
-        current = stages.Run(config_from(args))
+        config = config_from(args)
+        config.build.limits()  # bad limits fail before any stage runs
+        current = stages.Run(config)
         for name in ORDER if args.command == "engine" else (args.command,):
             stages.STAGES[name](current)
     except USER_ERRORS as e:

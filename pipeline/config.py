@@ -104,11 +104,20 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class BuildConfig:
+    """TensorRT build settings; the three limits shape the prefill and decode profiles (trt_builder/profiles.py)."""
+
     max_batch: int = 4
-    max_seq_len: int = 512
+    max_input_len: int = 512  # longest prompt prefilled in one step
+    max_seq_len: int = 1024  # prompt + generated tokens
     workspace_gib: int = 4
     optimization_level: int = 3
     require_plan: bool = False
+
+    def limits(self):
+        """The profile limits, validated (a BuildError names a bad combination)."""
+        from trt_builder.profiles import Limits
+
+        return Limits(self.max_batch, self.max_input_len, self.max_seq_len)
 
 
 @dataclass(frozen=True)

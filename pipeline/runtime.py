@@ -24,14 +24,22 @@ class KVCache:
 
     A step reads its past from one buffer and writes its present into the other (a graph input and output may not
     share memory in ONNX Runtime or TensorRT), then the roles swap. Each buffer is flat, so the contiguous
-    [batch, kv_heads, length, head_dim] view of any length up to the maximum lies at its start."""
+    [batch, kv_heads, length, head_dim] view of any length up to the maximum lies at its start.
 
-    def __init__(self, shape: DecoderShape, batch: int, max_length: int, zeros):
-        self.shape, self.batch, self.max_length = shape, batch, max_length
-        size = int(np.prod(shape.kv_shape(batch, max_length)))
+    `reserved_slots` leading slots hold no token and are always masked out: the TensorRT engine starts prefill
+    from one such slot instead of a zero-length past, whose support in optimisation profiles is unconfirmed."""
+
+    def __init__(self, shape: DecoderShape, batch: int, max_length: int, zeros, reserved_slots: int = 0):
+        self.shape, self.batch, self.reserved = shape, batch, reserved_slots
+        self.capacity = max_length + reserved_slots
+        size = int(np.prod(shape.kv_shape(batch, self.capacity)))
         self._buffers = [zeros((len(shape.past_names), size)), zeros((len(shape.past_names), size))]
         self._current = 0
-        self.length = 0
+        self.length = reserved_slots  # slots filled, reserved ones included
+
+    @property
+    def tokens(self) -> int:
+        return self.length - self.reserved
 
     def _views(self, buffer, length: int) -> list:
         dims = self.shape.kv_shape(self.batch, length)
@@ -43,10 +51,16 @@ class KVCache:
     def present(self, new_tokens: int) -> dict:
         """Output views for this step; refuses to run past the length the buffers were allocated for."""
         total = self.length + new_tokens
-        if total > self.max_length or new_tokens < 1:
-            raise PipelineError(f"a step of {new_tokens} tokens after {self.length} exceeds the KV cache of "
-                                f"{self.max_length}: allocate new_cache with a larger max_length")
+        if total > self.capacity or new_tokens < 1:
+            raise PipelineError(f"a step of {new_tokens} tokens after {self.tokens} exceeds the KV cache of "
+                                f"{self.capacity - self.reserved}: allocate new_cache with a larger max_length")
         return dict(zip(self.shape.present_names, self._views(self._buffers[1 - self._current], total)))
+
+    def graph_mask(self, attention_mask: np.ndarray) -> np.ndarray:
+        """The caller's mask (past + new tokens) with the reserved slots prepended as masked."""
+        if not self.reserved:
+            return attention_mask
+        return np.concatenate([np.zeros((self.batch, self.reserved), dtype=np.int64), attention_mask], axis=1)
 
     def advance(self, new_tokens: int) -> None:
         self._current, self.length = 1 - self._current, self.length + new_tokens
@@ -54,9 +68,9 @@ class KVCache:
 
 def check_step_inputs(cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
     batch, new = input_ids.shape
-    if batch != cache.batch or position_ids.shape != input_ids.shape or attention_mask.shape != (batch, cache.length + new):
+    if batch != cache.batch or position_ids.shape != input_ids.shape or attention_mask.shape != (batch, cache.tokens + new):
         raise PipelineError(f"step inputs disagree: input_ids {input_ids.shape}, position_ids {position_ids.shape}, "
-                            f"attention_mask {attention_mask.shape} with {cache.length} cached tokens of batch "
+                            f"attention_mask {attention_mask.shape} with {cache.tokens} cached tokens of batch "
                             f"{cache.batch}: the mask must cover past + new tokens")
 
 
@@ -66,10 +80,10 @@ class OnnxDecoder(TextGeneration):
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, providers: list[str] | None = None):
+    def __init__(self, path: Path, providers: list[str] | None = None, reserved_slots: int = 0):
         from pipeline.verify import onnx_session  # the same session options as verification
 
-        self.path = Path(path)
+        self.path, self.reserved_slots = Path(path), reserved_slots
         self.session = onnx_session(self.path, providers)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.shape = DecoderShape.from_inputs({name: i.shape for name, i in inputs.items()})
@@ -77,12 +91,13 @@ class OnnxDecoder(TextGeneration):
         self.tokenizer = load_tokenizer(self.path.parent)
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
-        return KVCache(self.shape, batch, max_length, lambda dims: np.zeros(dims, dtype=self.kv_dtype))
+        return KVCache(self.shape, batch, max_length, lambda dims: np.zeros(dims, dtype=self.kv_dtype),
+                       self.reserved_slots)
 
     def step(self, input_ids, attention_mask, position_ids, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         check_step_inputs(cache, input_ids, attention_mask, position_ids)
         binding = self.session.io_binding()
-        for name, array in ((IDS, input_ids), (MASK, attention_mask), (POSITIONS, position_ids)):
+        for name, array in ((IDS, input_ids), (MASK, cache.graph_mask(attention_mask)), (POSITIONS, position_ids)):
             binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         for name, view in cache.past().items():
             binding.bind_cpu_input(name, view)

@@ -27,8 +27,9 @@ from exporters.onnx_export import export_model
 from exporters.qdq import LinearQuantization, grouped_linear, insert_qdq, module_node_map
 from pipeline import PipelineError, models, report, tuning, verify
 from pipeline.budget import fit_budget
-from pipeline.artifacts import StageRecords, atomic_path, prepare_out, read_json, versions, write_json
+from pipeline.artifacts import StageRecords, atomic_folder, atomic_path, prepare_out, read_json, versions, write_json
 from pipeline.config import RunConfig, digest
+from pipeline.runtime import TOKENIZER
 from pipeline.weights import FLOAT_MODULES, integer_weights
 from trt_builder import BuildError
 
@@ -200,14 +201,16 @@ def export(run: Run) -> None:
     if _up_to_date(run, "export", key):
         return
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
-    model, _, spec = run.model()
+    model, tokenizer, spec = run.model()
+    with atomic_folder(run.path(TOKENIZER)) as tmp:  # a service loading OUT needs nothing else
+        tokenizer.save_pretrained(tmp)
     names = list(quantizable_linears(model, spec))
-    log.info("export: reference FP32 graph")
+    log.info("export: reference FP32 decoder graph (KV cache)")
     save_onnx(export_model(model, torch.float32, cfg.opset, names), run.path(REFERENCE), cfg.external_data_threshold)
     del model
     model, _ = smoothed_model(run)
     linears = linear_quantizations(plan, load_quantized(run.path(WEIGHTS)))
-    outputs = [REFERENCE]
+    outputs = [REFERENCE] + [f"{TOKENIZER}/{p.name}" for p in sorted(run.path(TOKENIZER).iterdir())]
     for dtype, scale_dtype, name in ((torch.float32, np.float32, QUANTIZED), (torch.float16, np.float16, QUANTIZED_FP16)):
         log.info("export: %s (%s graph, %d quantized linears)", name, dtype, len(linears))
         graph = export_model(model, dtype, cfg.opset, names)
@@ -243,7 +246,7 @@ def build(run: Run) -> None:
     key = digest("build", run.records.key("export"), cfg)
     if _up_to_date(run, "build", key):
         return
-    settings = BuildSettings(cfg.max_batch, cfg.max_seq_len, cfg.workspace_gib << 30, cfg.optimization_level)
+    settings = BuildSettings(cfg.limits(), cfg.workspace_gib << 30, cfg.optimization_level)
     manifest = build_plan(run.path(QUANTIZED_FP16), run.path(ENGINE), settings, run.path("timing.cache"))
     write_manifest(manifest, run.path(ENGINE + ".json"))
     run.records.complete("build", key, [ENGINE, ENGINE + ".json"])

@@ -7,31 +7,31 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import onnx
+
+from exporters.decoder_io import DecoderShape
 from trt_builder import BuildError
+from trt_builder.profiles import Limits, decoder_profiles
 from trt_builder.compat import gpu_compute_capability, import_tensorrt, network_flags
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Profile:
-    """min/opt/max for input_ids and attention_mask, both [batch, sequence]."""
-
-    min_shape: tuple[int, int]
-    opt_shape: tuple[int, int]
-    max_shape: tuple[int, int]
-
-
-def prefill_profile(max_batch: int, max_seq_len: int) -> Profile:
-    return Profile((1, 1), (max(1, max_batch // 2), max(1, max_seq_len // 2)), (max_batch, max_seq_len))
-
-
-@dataclass(frozen=True)
 class BuildSettings:
-    max_batch: int = 4
-    max_seq_len: int = 512
+    limits: Limits = Limits()
     workspace_bytes: int = 4 << 30
     optimization_level: int = 3
+
+
+def graph_decoder_shape(onnx_path: Path) -> DecoderShape:
+    """The decoder's KV layout from the graph's declared inputs (weights are not loaded)."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    try:
+        return DecoderShape.from_inputs(dims)
+    except ValueError as e:
+        raise BuildError(f"{onnx_path.name}: {e}") from None
 
 
 def build_plan(onnx_path: Path, plan_path: Path, settings: BuildSettings, timing_cache: Path) -> dict:
@@ -49,11 +49,13 @@ def build_plan(onnx_path: Path, plan_path: Path, settings: BuildSettings, timing
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
     config.builder_optimization_level = settings.optimization_level
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the inspector reports per-layer precision
-    profile = builder.create_optimization_profile()
-    shape = prefill_profile(settings.max_batch, settings.max_seq_len)
-    for name in ("input_ids", "attention_mask"):
-        profile.set_shape(name, shape.min_shape, shape.opt_shape, shape.max_shape)
-    config.add_optimization_profile(profile)
+    decoder = graph_decoder_shape(onnx_path)
+    profiles = decoder_profiles(decoder, settings.limits)
+    for shapes in profiles.values():  # order matters: the runtime binds profile i to the i-th name
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
@@ -67,7 +69,9 @@ def build_plan(onnx_path: Path, plan_path: Path, settings: BuildSettings, timing
         "tensorrt_version": trt.__version__,
         "gpu_compute_capability": gpu_compute_capability(),
         "strongly_typed": True,
-        "profiles": [{"input_ids": asdict(shape), "attention_mask": asdict(shape)}],
+        "decoder": asdict(decoder),
+        "profiles": {name: {tensor: [list(d) for d in dims] for tensor, dims in shapes.items()}
+                     for name, shapes in profiles.items()},
         "settings": asdict(settings),
         "onnx": onnx_path.name,
     }

@@ -66,6 +66,17 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(model_and_
     assert generate_ids(engine, PROMPTS, 12, Sampling()) == alone
 
 
+def test_a_reserved_masked_slot_changes_nothing(model_and_engine):
+    """The TensorRT engine prefills after one masked slot instead of a zero-length past: same tokens, same logits."""
+    _, engine = model_and_engine
+    reserved = OnnxDecoder(engine.path, reserved_slots=1)
+    assert generate_ids(reserved, PROMPTS, 12, Sampling()) == generate_ids(engine, PROMPTS, 12, Sampling())
+    window = np.random.default_rng(2).integers(0, VOCAB, (1, 6))
+    logits, cache = reserved.step(window, np.ones_like(window), np.arange(6)[None], reserved.new_cache(1, 6))
+    assert cache.length == 7 and cache.tokens == 6
+    assert np.abs(logits - engine.prefill_logits(window)).max() < 1e-4
+
+
 def test_fp16_graph_generates_through_the_same_loop(tmp_path):
     model = tiny_model(outliers=False)
     fp16 = exported_decoder(model, tmp_path, torch.float16)

@@ -2,19 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 
-from trt_builder.build import prefill_profile
 from trt_builder.compat import unavailable_reason
 
 REASON = unavailable_reason()
 needs_tensorrt = pytest.mark.skipif(REASON is not None, reason=f"TensorRT build impossible here: {REASON}")
-
-
-def test_prefill_profile_spans_one_token_to_the_limits():
-    profile = prefill_profile(max_batch=8, max_seq_len=1024)
-    assert profile.min_shape == (1, 1) and profile.max_shape == (8, 1024)
-    assert profile.min_shape <= profile.opt_shape <= profile.max_shape
 
 
 @pytest.mark.tensorrt
@@ -27,4 +21,15 @@ def test_build_a_strongly_typed_int8_plan(tmp_path, tiny_model_dir, corpus):
                 "--calib-windows", "4", "--eval-windows", "2", "--seq-len", "32", "--require-plan"]) == 0
     manifest = json.loads((out / "model.plan.json").read_text())
     assert (out / "model.plan").stat().st_size > 0
-    assert manifest["strongly_typed"] and manifest["profiles"][0]["input_ids"]["max_shape"] == [4, 512]
+    assert manifest["strongly_typed"] and manifest["profiles"]["prefill"]["input_ids"][2] == [4, 512]
+    assert list(manifest["profiles"]) == ["prefill", "decode"]
+
+    # The plan generates through the same loop as the FP16 graph it was built from, via pipeline.runtime.load.
+    from pipeline.generation import Sampling, generate_ids
+    from pipeline.runtime import load
+
+    prompts = [[5, 17, 42], [7, 8]]
+    plan_tokens = generate_ids(load(out / "model.plan"), prompts, 8, Sampling())
+    onnx_tokens = generate_ids(load(out / "quantized.fp16.onnx"), prompts, 8, Sampling())
+    agree = np.mean([a == b for p, o in zip(plan_tokens, onnx_tokens) for a, b in zip(p, o)])
+    assert agree >= 0.75, (plan_tokens, onnx_tokens)
