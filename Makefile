@@ -12,11 +12,18 @@ BUDGET ?=
 CALIB_WINDOWS ?= 64
 EVAL_WINDOWS  ?= 16
 SEQ_LEN       ?= 512
+MAX_BATCH     ?= 4
+MAX_INPUT_LEN ?= 512
+MAX_SEQ_LEN   ?= 1024
+PORT          ?= 8000
+# serve/triton read an existing OUT; its default is the engine's (build/<model name>).
+ENGINE_DIR = $(or $(OUT),build/$(basename $(notdir $(MODEL))))
 ARGS = --model $(MODEL) --calib $(CALIB) --quant $(QUANT) --group-size $(GROUP_SIZE) --alpha $(ALPHA) --range-estimator $(RANGE) \
        --calib-windows $(CALIB_WINDOWS) --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN) \
+       --max-batch $(MAX_BATCH) --max-input-len $(MAX_INPUT_LEN) --max-seq-len $(MAX_SEQ_LEN) \
        $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET))
 
-.PHONY: setup engine calibrate quantize export build verify test
+.PHONY: setup engine calibrate quantize export build verify serve triton test
 setup:
 	python3 -m venv .venv
 	.venv/bin/pip install -q torch==2.13.0
@@ -32,6 +39,12 @@ engine:
 
 calibrate quantize export build verify:
 	$(PY) -m pipeline $@ $(ARGS)
+
+serve:
+	$(PY) -m pipeline serve --engine $(ENGINE_DIR) --port $(PORT) --max-seq-len $(MAX_SEQ_LEN)
+
+triton:
+	$(PY) -m pipeline triton --out $(ENGINE_DIR) --max-batch $(MAX_BATCH)
 
 test:
 	$(PY) -m pytest -q

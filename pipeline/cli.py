@@ -23,6 +23,8 @@ HELP = {
     "build": "TensorRT plan from the FP16 Q/DQ ONNX (skipped with a reason where TensorRT is absent)",
     "verify": "ONNX Runtime vs PyTorch and reference vs Q/DQ on evaluation windows; report.json/report.md",
     "engine": "all stages in order, resuming from what OUT already holds",
+    "triton": "a Triton Inference Server model repository (config.pbtxt + model) from an OUT folder",
+    "serve": "OpenAI-style /v1/completions and /health on localhost, from an OUT folder (TensorRT or ONNX Runtime)",
 }
 
 
@@ -83,7 +85,50 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", required=True)
     for name in ORDER + ("engine",):
         _add_options(sub.add_parser(name, help=HELP[name], description=HELP[name]))
+    _add_serve_options(sub.add_parser("serve", help=HELP["serve"], description=HELP["serve"]))
+    _add_triton_options(sub.add_parser("triton", help=HELP["triton"], description=HELP["triton"]))
     return root
+
+
+def _add_triton_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="OUT folder of `make engine`")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
+                   help="auto: the TensorRT plan if OUT has one, else Triton's ONNX Runtime backend on quantized.onnx")
+    p.add_argument("--repository", default=None, help="model repository folder (default OUT/triton)")
+    p.add_argument("--name", default="smoothtrt", help="model name in the repository")
+    p.add_argument("--max-batch", type=int, default=BuildConfig().max_batch,
+                   help="max_batch_size for the ONNX Runtime backend (a plan's comes from its manifest)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _triton(args: argparse.Namespace) -> None:
+    from trt_builder.triton import PLAN, write_repository
+
+    out = Path(args.out)
+    if not out.is_dir():
+        raise PipelineError(f"--out {out} is not a folder: run `make engine OUT={out}` first")
+    backend = args.backend
+    if backend == "auto":
+        backend = "tensorrt" if (out / PLAN).is_file() else "onnxruntime"
+        if backend == "onnxruntime":
+            logging.warning("triton: no TensorRT plan in %s (none was built on this machine); the repository uses "
+                            "Triton's ONNX Runtime backend on quantized.onnx", out)
+    folder = write_repository(out, Path(args.repository or out / "triton"), args.name, backend, args.max_batch)
+    print(f"triton: {backend} model repository written to {folder}")
+
+
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    from pipeline.serve import ServeLimits
+
+    d = ServeLimits()
+    p.add_argument("--engine", required=True, help="OUT folder of `make engine` (its plan if TensorRT runs here, "
+                                                   "else quantized.onnx), or a .plan/.onnx file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask")
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="prompt + generated tokens per request")
+    p.add_argument("--max-pending", type=int, default=d.max_pending, help="requests admitted at once; more get 503")
+    p.add_argument("-v", "--verbose", action="store_true")
 
 
 def config_from(args: argparse.Namespace) -> RunConfig:
@@ -109,6 +154,16 @@ def run(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
+        if args.command == "serve":
+            from pipeline.serve import ServeLimits, serve
+
+            serve(args.engine, args.host, args.port, ServeLimits(max_tokens=args.max_tokens,
+                                                                  max_seq_len=args.max_seq_len,
+                                                                  max_pending=args.max_pending))
+            return 0
+        if args.command == "triton":
+            _triton(args)
+            return 0
         from pipeline import stages
 
         config = config_from(args)

@@ -54,7 +54,7 @@ def weights_summary(plan: QuantPlan, asked_damp: float) -> dict:
 
 
 def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: dict, reference_vs_torch: dict,
-                 quantized_vs_sim: dict, fp16_graph: dict, tuning: dict) -> dict:
+                 quantized_vs_sim: dict, fp16_graph: dict, tuning: dict, generation: dict) -> dict:
     weight_only = not config.quant.recipe.int8_activations
     stages = manifest.get("stages", {})
     calib = stages.get("calibrate", {})
@@ -93,6 +93,7 @@ def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: d
             "faithful": faithful(quantized_vs_sim, weight_only),
         },
         "tensorrt_fp16_graph_on_onnxruntime": fp16_graph,
+        "generation": generation,
         "tensorrt_plan": build,
         "not_verified": [] if build.get("status") == "done" else [
             "TensorRT engine: no plan was built here, so nothing ran in TensorRT ("
@@ -154,6 +155,7 @@ def render_markdown(r: dict) -> str:
         f"{h['perplexity_reference']:.4f} ({h['perplexity_delta_percent']:+.2f}%), top-1 agreement "
         f"{100 * h['top1_agreement']:.2f}%, cosine min {h['cosine_min']:.5f}.",
         "",
+        *_generation_lines(r["generation"]),
         "## TensorRT plan",
         "",
         f"Status: {plan.get('status')}" + (f" ({plan['reason']})" if plan.get("reason") else "") + ".",
@@ -161,6 +163,25 @@ def render_markdown(r: dict) -> str:
     if r["not_verified"]:
         lines += ["", "## Not verified", ""] + [f"- {item}" for item in r["not_verified"]]
     return "\n".join(lines) + "\n"
+
+
+def _generation_lines(g: dict) -> list[str]:
+    exact, q = g["reference_onnx_vs_pytorch_generate"], g["quantized_vs_reference_onnx"]
+    lines = [
+        f"## Greedy generation with KV cache ({g['new_tokens']} new tokens, {exact['prompts']} prompts, ONNX Runtime)",
+        "",
+        f"Reference FP32 ONNX vs PyTorch generate(): {exact['identical']}/{exact['prompts']} prompts identical, "
+        f"token agreement {100 * exact['token_agreement']:.1f}%.",
+        f"Q/DQ ONNX vs reference ONNX: {q['identical']}/{q['prompts']} prompts identical, token agreement "
+        f"{100 * q['token_agreement']:.1f}%, common prefix {q['common_prefix_lengths']} tokens "
+        f"(mean {q['mean_common_prefix']:.1f}).",
+        "",
+        "| prompt | reference | Q/DQ |",
+        "| --- | --- | --- |",
+    ]
+    cell = lambda text: text.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines += [f"| {cell(s['prompt'])} | {cell(s['reference'])} | {cell(s['quantized'])} |" for s in g["samples"]]
+    return lines + [""]
 
 
 def _weights_line(w: dict) -> str:

@@ -253,6 +253,21 @@ def build(run: Run) -> None:
     run.update_manifest("build", "done", **manifest)
 
 
+def generation_check(run: Run, model, tokenizer) -> dict:
+    """Greedy tokens of PyTorch's generate() vs the reference graph's KV-cache loop (exactness of the export), and
+    the Q/DQ graph's tokens vs the reference's (what quantization changes in generated text)."""
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in verify.GENERATION_PROMPTS]
+    new = verify.GENERATED_TOKENS
+    torch_tokens = verify.torch_greedy(model, prompts, new)
+    reference = verify.onnx_greedy(run.path(REFERENCE), prompts, new)
+    quantized = verify.onnx_greedy(run.path(QUANTIZED), prompts, new)
+    return {"new_tokens": new, "prompts": list(verify.GENERATION_PROMPTS),
+            "reference_onnx_vs_pytorch_generate": verify.generation_agreement(torch_tokens, reference),
+            "quantized_vs_reference_onnx": verify.generation_agreement(reference, quantized),
+            "samples": [{"prompt": text, "reference": tokenizer.decode(r), "quantized": tokenizer.decode(q)}
+                        for text, r, q in zip(verify.GENERATION_PROMPTS, reference, quantized)]}
+
+
 def verify_stage(run: Run) -> dict:
     key = digest("verify", run.records.key("export"), run.records.details("calibrate"),
                  read_json(run.path("manifest.json"))["stages"].get("build"))
@@ -260,9 +275,10 @@ def verify_stage(run: Run) -> dict:
         return read_json(run.path("report.json"))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
     evaluation = np.load(run.path(WINDOWS))["evaluation"]
-    model, _, _ = run.model()
+    model, tokenizer, _ = run.model()
     reference_vs_torch = verify.compare_with_torch(run.path(REFERENCE), model, evaluation[:FAITHFULNESS_WINDOWS],
                                                    "reference ONNX vs PyTorch")
+    generation = generation_check(run, model, tokenizer)
     del model
     accuracy = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED), evaluation, "reference vs Q/DQ ONNX")
     model, _ = smoothed_model(run)
@@ -277,7 +293,7 @@ def verify_stage(run: Run) -> dict:
     budget = read_json(run.path(BUDGET)) if run.config.quant.accuracy_budget is not None else None
     tuning_summary = report.tuning_summary(plan, read_json(run.path(ALPHA_CHOICE)), budget)
     result = report.build_report(run.config, manifest, plan, accuracy, reference_vs_torch, quantized_vs_sim, fp16_graph,
-                                 tuning_summary)
+                                 tuning_summary, generation)
     write_json(run.path("report.json"), result)
     with atomic_path(run.path("report.md")) as tmp:
         tmp.write_text(report.render_markdown(result))

@@ -153,3 +153,50 @@ def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label:
         "predicted_tokens": ppl_ref.count,
         **pair.summary(),
     }
+
+
+# Greedy generation through the KV-cache graphs (the loop production services run), on fixed varied prompts.
+GENERATION_PROMPTS = (
+    "The capital of France is",
+    "Here is a short poem about the sea:",
+    "In 1905, Albert Einstein published",
+    "def fibonacci(n):",
+    "The three primary colors are",
+)
+GENERATED_TOKENS = 32
+
+
+def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Hugging Face generate(), greedy, exactly new_tokens per prompt (no early stop, so lengths compare)."""
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       pad_token_id=model.config.eos_token_id or 0)
+            out.append(generated[0, len(prompt):].tolist())
+    return out
+
+
+def onnx_greedy(path: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    from pipeline.generation import Sampling, generate_ids
+    from pipeline.runtime import OnnxDecoder
+
+    engine = OnnxDecoder(path)
+    return [generate_ids(engine, [prompt], new_tokens, Sampling())[0]
+            for prompt in tqdm(prompts, desc=f"generating with {path.name}", unit="prompt")]
+
+
+def generation_agreement(baseline: list[list[int]], candidate: list[list[int]]) -> dict:
+    """Per prompt: tokens equal at the same step, and the length of the common prefix (greedy outputs diverge for
+    good after the first different token, so the prefix is the meaningful figure)."""
+    prefixes, same, total = [], 0, 0
+    for b, c in zip(baseline, candidate):
+        prefix = next((i for i, (x, y) in enumerate(zip(b, c)) if x != y), min(len(b), len(c)))
+        prefixes.append(prefix)
+        same += sum(x == y for x, y in zip(b, c))
+        total += len(b)
+    return {"prompts": len(baseline), "identical": sum(p == len(b) for p, b in zip(prefixes, baseline)),
+            "token_agreement": same / max(total, 1), "common_prefix_lengths": prefixes,
+            "mean_common_prefix": float(np.mean(prefixes))}
