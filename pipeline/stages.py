@@ -259,12 +259,14 @@ def generation_check(run: Run, model, tokenizer) -> dict:
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in verify.GENERATION_PROMPTS]
     new = verify.GENERATED_TOKENS
     torch_tokens = verify.torch_greedy(model, prompts, new)
-    reference = verify.onnx_greedy(run.path(REFERENCE), prompts, new)
-    quantized = verify.onnx_greedy(run.path(QUANTIZED), prompts, new)
+    stops = verify.stop_tokens(model)
+    reference = verify.onnx_greedy(run.path(REFERENCE), prompts, new, stops)
+    quantized = verify.onnx_greedy(run.path(QUANTIZED), prompts, new, stops)
     return {"new_tokens": new, "prompts": list(verify.GENERATION_PROMPTS),
             "reference_onnx_vs_pytorch_generate": verify.generation_agreement(torch_tokens, reference),
             "quantized_vs_reference_onnx": verify.generation_agreement(reference, quantized),
-            "samples": [{"prompt": text, "reference": tokenizer.decode(r), "quantized": tokenizer.decode(q)}
+            "samples": [{"prompt": text, "reference": tokenizer.decode(r, skip_special_tokens=True),
+                         "quantized": tokenizer.decode(q, skip_special_tokens=True)}
                         for text, r, q in zip(verify.GENERATION_PROMPTS, reference, quantized)]}
 
 

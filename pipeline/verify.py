@@ -166,37 +166,45 @@ GENERATION_PROMPTS = (
 GENERATED_TOKENS = 32
 
 
+def stop_tokens(model: torch.nn.Module) -> tuple[int, ...]:
+    """The end-of-sequence ids Hugging Face's generate() stops at (its generation config, else the model config)."""
+    eos = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
+    eos = model.config.eos_token_id if eos is None else eos
+    return () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+
+
 def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Hugging Face generate(), greedy, exactly new_tokens per prompt (no early stop, so lengths compare)."""
+    """Hugging Face generate(), greedy, up to new_tokens per prompt. No min_new_tokens: that would suppress the
+    end-of-sequence token, which our loop (like any service) stops at instead."""
     out = []
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt])
             generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                       pad_token_id=model.config.eos_token_id or 0)
+                                       max_new_tokens=new_tokens, pad_token_id=(stop_tokens(model) or (0,))[0])
             out.append(generated[0, len(prompt):].tolist())
     return out
 
 
-def onnx_greedy(path: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+def onnx_greedy(path: Path, prompts: list[list[int]], new_tokens: int, stops: tuple[int, ...]) -> list[list[int]]:
     from pipeline.generation import Sampling, generate_ids
     from pipeline.runtime import OnnxDecoder
 
     engine = OnnxDecoder(path)
-    return [generate_ids(engine, [prompt], new_tokens, Sampling())[0]
+    return [generate_ids(engine, [prompt], new_tokens, Sampling(stop_token_ids=stops))[0]
             for prompt in tqdm(prompts, desc=f"generating with {path.name}", unit="prompt")]
 
 
 def generation_agreement(baseline: list[list[int]], candidate: list[list[int]]) -> dict:
     """Per prompt: tokens equal at the same step, and the length of the common prefix (greedy outputs diverge for
-    good after the first different token, so the prefix is the meaningful figure)."""
+    good after the first different token, so the prefix is the meaningful figure). Identical means the same
+    tokens and the same length (both stopped at the same end-of-sequence token, or both ran to the limit)."""
     prefixes, same, total = [], 0, 0
     for b, c in zip(baseline, candidate):
         prefix = next((i for i, (x, y) in enumerate(zip(b, c)) if x != y), min(len(b), len(c)))
         prefixes.append(prefix)
         same += sum(x == y for x, y in zip(b, c))
         total += len(b)
-    return {"prompts": len(baseline), "identical": sum(p == len(b) for p, b in zip(prefixes, baseline)),
+    return {"prompts": len(baseline), "identical": sum(b == c for b, c in zip(baseline, candidate)),
             "token_agreement": same / max(total, 1), "common_prefix_lengths": prefixes,
             "mean_common_prefix": float(np.mean(prefixes))}

@@ -34,6 +34,9 @@ def test_engine_writes_every_artifact_and_an_honest_report(finished):
     assert report["export_faithfulness"]["quantized_onnx_vs_pytorch_fake_quant"]["cosine_min"] > 0.9999
     assert report["export_faithfulness"]["reference_onnx_vs_pytorch_fp32"]["max_abs_error"] < 1e-4
     assert report["evaluation"]["predicted_tokens"] == 2 * 31
+    generation = report["generation"]  # the exported KV-cache graph generates what PyTorch generates
+    assert generation["reference_onnx_vs_pytorch_generate"]["identical"] == len(generation["prompts"]) == 5
+    assert (finished / "tokenizer" / "tokenizer.json").is_file()
     manifest = json.loads((finished / "manifest.json").read_text())
     assert manifest["config"]["quant"]["alpha"] == "auto"
     assert manifest["stages"]["calibrate"]["windows_sha256"] == report["calibration"]["windows_sha256"]

@@ -14,6 +14,7 @@ from exporters.onnx_export import export_model
 from pipeline import PipelineError
 from pipeline.generation import Sampling, filtered_probabilities, generate_ids, left_padded
 from pipeline.runtime import OnnxDecoder, load
+from pipeline.verify import generation_agreement, stop_tokens, torch_greedy
 from tests.conftest import VOCAB, tiny_model
 
 PROMPTS = [[5, 17, 42], [7], [100, 3, 250, 9, 61, 8, 77], [12, 12, 12, 12], [300, 1, 2, 3, 4, 5]]
@@ -33,16 +34,13 @@ def model_and_engine(request, tmp_path_factory):
 
 
 def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                         do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return torch_greedy(model, [prompt], new)[0]
 
 
 def test_greedy_generation_equals_hugging_face_generate(model_and_engine):
     model, engine = model_and_engine
     for prompt in PROMPTS:
-        ours = generate_ids(engine, [prompt], 32, Sampling())[0]
+        ours = generate_ids(engine, [prompt], 32, Sampling(stop_token_ids=stop_tokens(model)))[0]
         assert ours == hf_greedy(model, prompt, 32), prompt
 
 
@@ -81,7 +79,7 @@ def test_fp16_graph_generates_through_the_same_loop(tmp_path):
     model = tiny_model(outliers=False)
     fp16 = exported_decoder(model, tmp_path, torch.float16)
     assert fp16.kv_dtype == np.float16
-    tokens = generate_ids(fp16, PROMPTS[:2], 8, Sampling())
+    tokens = generate_ids(fp16, PROMPTS[:2], 8, Sampling(stop_token_ids=stop_tokens(model)))
     reference = [hf_greedy(model, p, 8) for p in PROMPTS[:2]]
     agree = np.mean([a == b for ours, ref in zip(tokens, reference) for a, b in zip(ours, ref)])
     assert agree >= 0.75  # FP16 rounding may flip a near-tie on a random model, not most tokens
@@ -133,3 +131,9 @@ def test_refusals_are_one_line_errors(model_and_engine, tmp_path):
     (tmp_path / "model.bin").write_bytes(b"x")
     with pytest.raises(PipelineError, match="unknown engine type"):
         load(tmp_path / "model.bin")
+
+
+def test_generation_agreement_counts_the_common_prefix_and_whole_matches():
+    result = generation_agreement([[1, 2, 3], [4, 5, 6], [7, 8]], [[1, 2, 9], [4, 5, 6], [7, 8, 0]])
+    assert result["identical"] == 1 and result["common_prefix_lengths"] == [2, 3, 2]
+    assert result["token_agreement"] == 7 / 8
