@@ -1,11 +1,13 @@
 """Checks before any TensorRT build: onnx.checker with shape inference, and TensorRT's explicit-quantization rules.
 
 Rules (TensorRT developer guide, "Explicit quantization"; shared/docs/TENSORRT.md):
-- zero-point:    Q/DQ are symmetric: an INT8 zero point, all zeros (a missing Q zero point means UINT8).
+- zero-point:    Q/DQ are symmetric: an INT8 zero point, all zeros (a missing Q zero point means UINT8 unless
+                 the Q says output_dtype INT8, as the KV cache's do).
 - scale:         scales are constant, strictly positive and finite.
 - per-tensor:    activation (non-constant) Q/DQ scales are scalars; per-channel is for constant weights only.
 - axis:          a per-channel weight DQ's axis is the GEMM's output-channel axis and has dim[axis] scales.
-- pairing:       every QuantizeLinear feeds only DequantizeLinear; every activation DQ is fed by a Q.
+- pairing:       every QuantizeLinear feeds only DequantizeLinear; every activation DQ is fed by a Q. The one
+                 exception is the INT8 KV cache (exporters/kv_quant.py): Q -> Concat(past) -> present -> DQ.
 - gemm-inputs:   a MatMul/Gemm with an INT8 weight DQ has a DQ on its activation too, or TensorRT runs it in
                  float; one with an INT4 weight DQ has none (INT4 GEMMs are weight-only, W4A16).
 - int4:          INT4 only as a constant weight into DequantizeLinear (no QuantizeLinear to INT4), opset >= 21,
@@ -25,6 +27,7 @@ import onnx
 import onnx_ir as ir
 
 from exporters import ExportError
+from exporters.kv_quant import is_kv_cache_concat
 from exporters.naming import module_of_node
 from exporters.qdq import weight_axis
 
@@ -53,8 +56,10 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
 def _check_zero_point(node: ir.Node) -> list[LintIssue]:
     zp_value = node.inputs[2] if len(node.inputs) > 2 else None
     if zp_value is None:
-        if node.op_type == "QuantizeLinear":
-            return [LintIssue("zero-point", node.name, "no zero point: output would be UINT8; give an INT8 zero point of 0")]
+        output_dtype = node.attributes.get("output_dtype")
+        if node.op_type == "QuantizeLinear" and (output_dtype is None or output_dtype.as_int() != ir.DataType.INT8.value):
+            return [LintIssue("zero-point", node.name, "no zero point and no output_dtype INT8: output would be UINT8; "
+                                                       "give an INT8 zero point of 0")]
         return []
     zp = _const(zp_value)
     if zp is None:
@@ -147,11 +152,15 @@ def _check_int4(node: ir.Node, opset: int) -> list[LintIssue]:
 
 def _check_pairing(node: ir.Node) -> list[LintIssue]:
     if node.op_type == "QuantizeLinear":
-        bad = [u.node for u in node.outputs[0].uses() if u.node.op_type != "DequantizeLinear"]
+        bad = [u.node for u in node.outputs[0].uses()
+               if u.node.op_type != "DequantizeLinear" and not is_kv_cache_concat(u.node)]
         return [LintIssue("pairing", node.name, f"QuantizeLinear feeds {c.op_type} {c.name}, not a DequantizeLinear")
                 for c in bad]
     source = node.inputs[0]
-    if source.const_value is None and (source.producer() is None or source.producer().op_type != "QuantizeLinear"):
+    producer = source.producer()
+    if producer is not None and is_kv_cache_concat(producer):
+        return []
+    if source.const_value is None and (producer is None or producer.op_type != "QuantizeLinear"):
         return [LintIssue("pairing", node.name, "DequantizeLinear of an activation must be fed by a QuantizeLinear")]
     return []
 

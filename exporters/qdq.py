@@ -69,7 +69,7 @@ def weight_axis(node: ir.Node) -> int:
     return 1
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.shape = ir.Shape(array.shape)
     value.dtype = ir.tensor(array).dtype
@@ -118,9 +118,9 @@ def _quantize_weight(graph: ir.Graph, node: ir.Node, lq: LinearQuantization, sca
         raise ExportError(f"module {lq.module}: weight input of {node.name} is {found}, expected constant {stored.shape}")
     scope = scope_of(lq.module)
     scales = _stored_layout(node, lq.weight_scale) if lq.weight_scale.ndim == 2 else lq.weight_scale
-    q_weight = _initializer(graph, f"{lq.module}.weight_quantized", stored.astype(lq.storage_dtype))
-    scale = _initializer(graph, f"{lq.module}.weight_scale", scales.astype(scale_dtype))
-    zero = _initializer(graph, f"{lq.module}.weight_zero_point", np.zeros(scales.shape, lq.storage_dtype))
+    q_weight = add_initializer(graph, f"{lq.module}.weight_quantized", stored.astype(lq.storage_dtype))
+    scale = add_initializer(graph, f"{lq.module}.weight_scale", scales.astype(scale_dtype))
+    zero = add_initializer(graph, f"{lq.module}.weight_zero_point", np.zeros(scales.shape, lq.storage_dtype))
     dq = ir.node("DequantizeLinear", [q_weight, scale, zero], dq_attributes(node, lq),
                  name=f"{scope}/DequantizeLinear_weight")
     dq.outputs[0].name = f"{lq.module}.weight_dequantized"
@@ -134,8 +134,8 @@ def _quantize_activation(graph: ir.Graph, node: ir.Node, lq: LinearQuantization,
     sharing = {u.node.name for u in activation.uses()}
     scale_value = max(x.input_scale for x in linears if matmul_node_name(x.module) in sharing)
     scope = scope_of(lq.module)
-    scale = _initializer(graph, f"{lq.module}.input_scale", np.array(scale_value, dtype=scale_dtype))
-    zero = _initializer(graph, f"{lq.module}.input_zero_point", np.array(0, dtype=np.int8))
+    scale = add_initializer(graph, f"{lq.module}.input_scale", np.array(scale_value, dtype=scale_dtype))
+    zero = add_initializer(graph, f"{lq.module}.input_zero_point", np.array(0, dtype=np.int8))
     q = ir.node("QuantizeLinear", [activation, scale, zero], name=f"{scope}/QuantizeLinear_input")
     q.outputs[0].name = f"{lq.module}.input_quantized"
     dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{scope}/DequantizeLinear_input")

@@ -71,6 +71,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-smooth", action="store_true", help="naive W8A8 without SmoothQuant (for comparison)")
     p.add_argument("--include", action="append", default=[], help="quantize only modules matching this glob")
     p.add_argument("--skip", action="append", default=[], help="keep modules matching this glob in float")
+    p.add_argument("--kv-cache-int8", action="store_true",
+                   help="INT8 KV cache: past/present as INT8 with calibrated per-tensor scales (default: float)")
     p.add_argument("--max-batch", type=int, default=d_b.max_batch, help="TensorRT profile max batch")
     p.add_argument("--max-input-len", type=int, default=d_b.max_input_len, help="TensorRT prefill profile: longest prompt")
     p.add_argument("--max-seq-len", type=int, default=d_b.max_seq_len,
@@ -144,7 +146,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
                           args.range_estimator, args.percentile, accuracy_budget=args.accuracy_budget,
                           scheme=args.quant, group_size=args.group_size, damp=args.damp,
                           act_order=not args.no_act_order, float_target=not args.no_float_target),
-        export=ExportConfig(),
+        export=ExportConfig(kv_cache_int8=args.kv_cache_int8),
         build=BuildConfig(max_batch=args.max_batch, max_input_len=args.max_input_len, max_seq_len=args.max_seq_len,
                           require_plan=args.require_plan),
     )

@@ -100,6 +100,8 @@ class ExportConfig:
     # 21: FP16 scales on DequantizeLinear need >= 19, INT4 blocked DQ needs 21; TensorRT 10.x parses 9-24.
     opset: int = 21
     external_data_threshold: int = TWO_GIB
+    # INT8 past/present with calibrated per-tensor scales (exporters/kv_quant.py); off: the cache stays float.
+    kv_cache_int8: bool = False
 
 
 @dataclass(frozen=True)

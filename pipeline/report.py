@@ -63,6 +63,7 @@ def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: d
     return {
         "model": config.model,
         "scheme": config.quant.scheme,
+        "kv_cache": "int8" if config.export.kv_cache_int8 else "float",
         "recipe": plan.recipe,
         "alpha": plan.alpha,
         "smoothing": config.quant.smooth and not weight_only,
@@ -109,7 +110,8 @@ def render_markdown(r: dict) -> str:
         "",
         f"Recipe: {r['recipe']}; SmoothQuant {'on, alpha ' + str(r['alpha']) if r['smoothing'] else 'off'}; "
         f"{r['modules']['quantized']} linears quantized, {r['modules']['skipped']} skipped, "
-        f"{r['modules']['float']} modules float.",
+        f"{r['modules']['float']} modules float; KV cache {r['kv_cache']}"
+        f"{' (per-tensor scales, past/present INT8)' if r['kv_cache'] == 'int8' else ''}.",
         "",
         _tuning_line(r["tuning"]),
         "",

@@ -17,6 +17,7 @@ from pipeline.generation import TextGeneration
 log = logging.getLogger(__name__)
 
 TOKENIZER = "tokenizer"  # folder next to the graphs, written by the export stage
+KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}  # int8: --kv-cache-int8
 
 
 class KVCache:
@@ -87,7 +88,7 @@ class OnnxDecoder(TextGeneration):
         self.session = onnx_session(self.path, providers)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.shape = DecoderShape.from_inputs({name: i.shape for name, i in inputs.items()})
-        self.kv_dtype = np.float16 if inputs[self.shape.past_names[0]].type == "tensor(float16)" else np.float32
+        self.kv_dtype = KV_DTYPES[inputs[self.shape.past_names[0]].type]
         self.tokenizer = load_tokenizer(self.path.parent)
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:

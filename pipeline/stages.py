@@ -21,6 +21,7 @@ from calibration.quant import QuantPlan, fake_quantized
 from calibration.recipe import smooth_and_plan
 from calibration.smoothing import apply_factors
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
+from exporters.kv_quant import kv_scales, observe_kv_absmax, quantize_kv_cache
 from exporters.gptq_checkpoint import quantization_config, write_checkpoint
 from exporters.lint import check_onnx_file, lint_or_raise
 from exporters.onnx_export import export_model
@@ -48,6 +49,8 @@ CHECKPOINT = "gptq_checkpoint"  # weight-only schemes: the Hugging Face GPTQ lay
 ENGINE = "model.plan"
 ALPHA_CHOICE = "alpha_choice.json"
 BUDGET = "accuracy_budget.json"
+KV_SCALES = "kv_cache_scales.json"
+KV_CALIBRATION_WINDOWS = 8
 FAITHFULNESS_WINDOWS = 4
 FP16_GRAPH_WINDOWS = 2
 
@@ -195,6 +198,18 @@ def save_onnx(graph: ir.Model, path: Path, threshold: int) -> None:
     check_onnx_file(path)
 
 
+def calibrate_kv_cache(run: Run, graph: ir.Model) -> dict[str, float]:
+    """Per-tensor KV scales from the FP32 Q/DQ graph on the first calibration windows (saved in OUT)."""
+    import onnxruntime as ort
+
+    windows = np.load(run.path(WINDOWS))["calibration"][:KV_CALIBRATION_WINDOWS]
+    log.info("export: INT8 KV cache, observing K/V ranges on %d calibration windows", len(windows))
+    session = ort.InferenceSession(ir.to_proto(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+    scales = kv_scales(observe_kv_absmax(session, windows))
+    write_json(run.path(KV_SCALES), scales)
+    return scales
+
+
 def export(run: Run) -> None:
     cfg = run.config.export
     key = digest("export", run.records.key("quantize"), cfg)
@@ -211,10 +226,14 @@ def export(run: Run) -> None:
     model, _ = smoothed_model(run)
     linears = linear_quantizations(plan, load_quantized(run.path(WEIGHTS)))
     outputs = [REFERENCE] + [f"{TOKENIZER}/{p.name}" for p in sorted(run.path(TOKENIZER).iterdir())]
+    kv_scales_found = None
     for dtype, scale_dtype, name in ((torch.float32, np.float32, QUANTIZED), (torch.float16, np.float16, QUANTIZED_FP16)):
         log.info("export: %s (%s graph, %d quantized linears)", name, dtype, len(linears))
         graph = export_model(model, dtype, cfg.opset, names)
         insert_qdq(graph, linears, scale_dtype)
+        if cfg.kv_cache_int8:
+            kv_scales_found = kv_scales_found or calibrate_kv_cache(run, graph)
+            quantize_kv_cache(graph, kv_scales_found, scale_dtype)
         lint_or_raise(graph, name)
         if name == QUANTIZED:
             write_json(run.path(MODULE_MAP), module_node_map(graph))
@@ -227,6 +246,8 @@ def export(run: Run) -> None:
         write_checkpoint(run.path(CHECKPOINT), model, tokenizer, load_quantized(run.path(WEIGHTS)),
                          quantization_config(quant.recipe.weight_bits, quant.group_size, quant.act_order, quant.damp))
         outputs += [f"{CHECKPOINT}/{p.name}" for p in sorted(run.path(CHECKPOINT).iterdir())]
+    if cfg.kv_cache_int8:
+        outputs.append(KV_SCALES)
     run.records.complete("export", key, outputs + [MODULE_MAP])
     run.update_manifest("export", "done", opset=cfg.opset, files=outputs + [MODULE_MAP])
 

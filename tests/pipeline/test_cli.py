@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -151,3 +152,16 @@ def test_require_plan_refuses_without_tensorrt(capsys, finished, tiny_model_dir,
     code = run(["build", "--model", str(tiny_model_dir), "--out", str(finished), "--calib", str(corpus), *SMALL,
                 "--require-plan"])
     assert_one_line_error(capsys, code, "REQUIRE_PLAN=1", "tensorrt")
+
+
+def test_int8_kv_cache_option_exports_int8_past_and_verifies(tmp_path, tiny_model_dir, corpus):
+    from pipeline.runtime import OnnxDecoder
+
+    assert engine(tiny_model_dir, tmp_path, corpus, "--kv-cache-int8") == 0
+    scales = json.loads((tmp_path / "kv_cache_scales.json").read_text())
+    assert len(scales) == 2 * 2 and all(s > 0 for s in scales.values())
+    for graph in ("quantized.onnx", "quantized.fp16.onnx"):
+        assert OnnxDecoder(tmp_path / graph).kv_dtype == np.int8
+    assert OnnxDecoder(tmp_path / "reference.onnx").kv_dtype == np.float32  # the reference stays float
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["kv_cache"] == "int8" and abs(report["accuracy"]["perplexity_delta_percent"]) < 50
