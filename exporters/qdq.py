@@ -1,9 +1,12 @@
 """Q/DQ insertion by graph surgery (onnx-ir): the placement TensorRT fuses into quantized GEMMs.
 
 W8A8: an INT8 weight initializer -> DequantizeLinear (per output channel) on the weight input, and QuantizeLinear
--> DequantizeLinear (per tensor) on the activation input. Linears reading the same activation (q/k/v, gate/up)
-share one Q/DQ pair, so TensorRT quantizes that tensor once. GEMM outputs are not quantized (TensorRT guide: extra
-Q/DQ outside the GEMM inputs break fusions).
+-> DequantizeLinear (per tensor) on the activation input, one pair per GEMM. Linears reading the same activation
+(q/k/v, gate/up) get identical pairs with one shared scale. That is the layout quantization-aware-training exports
+give TensorRT, and the one ONNX Runtime fuses into integer GEMMs (MatMulIntegerToFloat): with one Q shared by
+q/k/v, its fusions skipped them (whether the DQ was shared or not), and SmolLM2's q/k/v and gate/up ran as float
+MatMuls on weights dequantized at every call (a decode step 4.6x slower than FP32). GEMM outputs are not
+quantized (TensorRT guide: extra Q/DQ outside the GEMM inputs break fusions).
 
 Weight-only (W4A16, W3A16): an INT4 initializer -> blocked DequantizeLinear (opset 21 `block_size`, blocks along K)
 on the weight input; the activation stays float, with no Q node (TensorRT INT4 is weight-only). 3-bit codes are
@@ -94,18 +97,13 @@ def insert_qdq(model: ir.Model, linears: list[LinearQuantization], scale_dtype: 
     (strongly typed: DequantizeLinear's output dtype is its scale's dtype)."""
     graph = model.graph
     nodes = {node.name: node for node in graph}
-    shared_input = {}  # activation Value -> its DequantizeLinear output
     for lq in linears:
         node = nodes.get(matmul_node_name(lq.module))
         if node is None or node.op_type not in ("MatMul", "Gemm"):
             raise ExportError(f"module {lq.module}: no MatMul/Gemm node '{matmul_node_name(lq.module)}' in the graph")
         _quantize_weight(graph, node, lq, scale_dtype)
-        if lq.input_scale is None:
-            continue
-        activation = node.inputs[0]
-        if activation not in shared_input:
-            shared_input[activation] = _quantize_activation(graph, node, lq, activation, linears, scale_dtype)
-        node.replace_input_with(0, shared_input[activation])
+        if lq.input_scale is not None:
+            _quantize_activation(graph, node, lq, linears, scale_dtype)
     for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.outputs]:
         graph.initializers.pop(name)
 
@@ -128,9 +126,10 @@ def _quantize_weight(graph: ir.Graph, node: ir.Node, lq: LinearQuantization, sca
     node.replace_input_with(1, dq.outputs[0])
 
 
-def _quantize_activation(graph: ir.Graph, node: ir.Node, lq: LinearQuantization, activation: ir.Value,
-                         linears: list[LinearQuantization], scale_dtype: type) -> ir.Value:
-    # Linears sharing this activation share its scale: the widest of theirs, so none of them clips more.
+def _quantize_activation(graph: ir.Graph, node: ir.Node, lq: LinearQuantization, linears: list[LinearQuantization],
+                         scale_dtype: type) -> None:
+    activation = node.inputs[0]
+    # GEMMs reading one activation quantize it with one scale: the widest of theirs, so none of them clips more.
     sharing = {u.node.name for u in activation.uses()}
     scale_value = max(x.input_scale for x in linears if matmul_node_name(x.module) in sharing)
     scope = scope_of(lq.module)
@@ -141,7 +140,7 @@ def _quantize_activation(graph: ir.Graph, node: ir.Node, lq: LinearQuantization,
     dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{scope}/DequantizeLinear_input")
     dq.outputs[0].name = f"{lq.module}.input_dequantized"
     graph.insert_before(node, [q, dq])
-    return dq.outputs[0]
+    node.replace_input_with(0, dq.outputs[0])
 
 
 def module_node_map(model: ir.Model) -> dict[str, list[str]]:

@@ -59,14 +59,31 @@ def test_every_quantized_matmul_has_dq_on_both_inputs_and_int8_weights(exported)
     assert not [n for n in graph.initializers if n.endswith(".weight_t") and "lm_head" not in n]
 
 
-def test_linears_reading_one_tensor_share_one_quantizer(exported):
+def test_each_quantized_gemm_has_its_own_pair_with_the_shared_scale(exported):
     _, _, graphs = exported
     graph = graphs[torch.float32][0].graph
-    assert sum(n.op_type == "QuantizeLinear" for n in graph) == 4 * 2  # qkv, o, gate/up, down per layer
+    assert sum(n.op_type == "QuantizeLinear" for n in graph) == 7 * 2  # every linear but lm_head, per layer
     nodes = {n.name: n for n in graph}
-    q_input = nodes["/lm/model/layers.0/self_attn/q_proj/MatMul"].inputs[0]
-    assert nodes["/lm/model/layers.0/self_attn/k_proj/MatMul"].inputs[0] is q_input
-    assert nodes["/lm/model/layers.0/self_attn/v_proj/MatMul"].inputs[0] is q_input
+    dqs = [nodes[f"/lm/model/layers.0/self_attn/{p}/MatMul"].inputs[0].producer() for p in ("q_proj", "k_proj", "v_proj")]
+    qs = [dq.inputs[0].producer() for dq in dqs]
+    assert all(q.op_type == "QuantizeLinear" and len(q.outputs[0].uses()) == 1 for q in qs)
+    assert len({id(q.inputs[0]) for q in qs}) == 1  # all three quantize the same normed hidden state
+    assert len({float(q.inputs[1].const_value.numpy()) for q in qs}) == 1  # with one scale
+
+
+def test_onnx_runtime_runs_every_quantized_matmul_as_an_integer_gemm(exported, tmp_path):
+    """ONNX Runtime's optimized graph: each W8A8 linear became MatMulIntegerToFloat (no float MatMul left on
+    dequantized INT8 weights)."""
+    import onnx
+    import onnxruntime as ort
+
+    _, plan, graphs = exported
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(graphs[torch.float32][1]), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == len(plan.quantized()) == 14
+    assert "DequantizeLinear" not in ops
 
 
 def test_fp16_graph_stores_fp16_scales_and_stays_fp16(exported):
@@ -100,7 +117,7 @@ def test_module_map_links_modules_to_their_nodes(exported):
     k_nodes = mapping["model.layers.1.self_attn.k_proj"]
     assert "/lm/model/layers.1/self_attn/k_proj/MatMul" in k_nodes
     assert "/lm/model/layers.1/self_attn/k_proj/DequantizeLinear_weight" in k_nodes
-    assert "/lm/model/layers.1/self_attn/q_proj/QuantizeLinear_input" in k_nodes  # the shared quantizer feeds k too
+    assert "/lm/model/layers.1/self_attn/k_proj/QuantizeLinear_input" in k_nodes
 
 
 def broken(exported, mutate):
