@@ -16,12 +16,13 @@ MAX_BATCH     ?= 4
 MAX_INPUT_LEN ?= 512
 MAX_SEQ_LEN   ?= 1024
 PORT          ?= 8000
+KV_INT8       ?=
 # serve/triton read an existing OUT; its default is the engine's (build/<model name>).
 ENGINE_DIR = $(or $(OUT),build/$(basename $(notdir $(MODEL))))
 ARGS = --model $(MODEL) --calib $(CALIB) --quant $(QUANT) --group-size $(GROUP_SIZE) --alpha $(ALPHA) --range-estimator $(RANGE) \
        --calib-windows $(CALIB_WINDOWS) --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN) \
        --max-batch $(MAX_BATCH) --max-input-len $(MAX_INPUT_LEN) --max-seq-len $(MAX_SEQ_LEN) \
-       $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET))
+       $(if $(filter 1,$(KV_INT8)),--kv-cache-int8) $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET))
 
 .PHONY: setup engine calibrate quantize export build verify serve triton test
 setup:

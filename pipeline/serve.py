@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -159,6 +160,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
         if self.path != "/v1/completions":
             self.close_connection = True
             return self._error(404, f"no route POST {self.path}; use /v1/completions")
+        # One handler may serve several requests on a keep-alive connection: a fresh id for each.
+        self._request_id, self._created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not self.server.admission.acquire(blocking=False):
             self.close_connection = True
             return self._error(503, f"server busy: {self.server.limits.max_pending} requests already admitted; retry")
@@ -169,6 +172,9 @@ class CompletionHandler(BaseHTTPRequestHandler):
             else:
                 result = self.server.complete(prompt, max_tokens, sampling)
                 self._send_json(200, self._completion(result["text"], result["finish_reason"], result["usage"]))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client left (e.g. stopped reading a stream): stop, nothing to send
+            log.info("client %s disconnected; generation stopped", self.address_string())
         except BadRequest as e:
             self.close_connection = True
             self._error(e.status, str(e))
@@ -183,7 +189,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
             self.server.admission.release()
 
     def _completion(self, text: str, finish_reason: str | None, usage: dict | None = None) -> dict:
-        payload = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+        """One response body or stream chunk; every chunk of a request carries the request's id and time."""
+        payload = {"id": self._request_id, "object": "text_completion", "created": self._created,
                    "model": self.server.model_name,
                    "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
         if usage is not None:
@@ -220,6 +227,10 @@ class CompletionHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve(target: str, host: str, port: int, limits: ServeLimits) -> None:
     from pipeline.runtime import load
 
@@ -230,6 +241,7 @@ def serve(target: str, host: str, port: int, limits: ServeLimits) -> None:
     except OSError as e:
         raise PipelineError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port") from None
     log.info("serving %s (%s) on http://%s:%d/v1/completions", path, engine.backend, host, server.server_port)
+    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: stop like Ctrl-C, closing the socket
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -116,3 +116,42 @@ def test_engine_folder_errors(tmp_path):
         engine_path(tmp_path / "nowhere")
     with pytest.raises(PipelineError, match="neither model.plan nor quantized.onnx"):
         engine_path(tmp_path)
+
+
+def test_the_cli_server_answers_and_stops_cleanly_on_sigterm(server, tmp_path):
+    """`python -m pipeline serve` as a process: it serves the OUT folder and exits 0 on SIGTERM (docker stop)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = server.engine.path.parent
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--engine", str(out), "--port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.time() + 120
+        while "serving" not in line and time.time() < deadline:
+            line = proc.stderr.readline()
+        port = int(line.rsplit(":", 1)[1].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "The quick", "max_tokens": 3}))
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0 and "server stopped" in rest
+
+
+def test_a_client_leaving_mid_stream_does_not_hurt_the_server(server):
+    import socket
+
+    body = json.dumps({"prompt": "The quick brown", "max_tokens": 24, "stream": True}).encode()
+    for _ in range(LIMITS.max_pending + 1):  # more departures than admission slots: each slot must come back
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=60) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert status == 200 and request(server, "GET", "/health")[0] == 200
