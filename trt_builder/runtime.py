@@ -29,6 +29,12 @@ def check_compatible(manifest: dict, tensorrt_version: str, compute_capability: 
                          "with `python -m pipeline build`")
 
 
+def _on_gpu(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).cuda()
+
+
 class TrtDecoder(TextGeneration):
     backend = "tensorrt"
 
@@ -50,6 +56,10 @@ class TrtDecoder(TextGeneration):
         if self.engine is None:
             raise BuildError(f"TensorRT could not deserialize {self.path.name}; see the TensorRT log above")
         self.shape = DecoderShape(**manifest["decoder"])
+        # The graph decides the dtypes (strongly typed): FP16 cache and logits, or an INT8 cache (--kv-cache-int8).
+        torch_dtype = {trt.DataType.HALF: torch.float16, trt.DataType.FLOAT: torch.float32, trt.DataType.INT8: torch.int8}
+        self.kv_dtype = torch_dtype[self.engine.get_tensor_dtype(self.shape.past_names[0])]
+        self.logits_dtype = torch_dtype[self.engine.get_tensor_dtype(LOGITS)]
         self.profiles = list(manifest["profiles"])
         self.stream = torch.cuda.Stream()
         # One execution context per profile, bound once: prefill and decode never re-select a profile.
@@ -64,7 +74,7 @@ class TrtDecoder(TextGeneration):
         import torch
 
         return KVCache(self.shape, batch, max_length,
-                       lambda dims: torch.zeros(dims, dtype=torch.float16, device="cuda"), RESERVED_SLOTS)
+                       lambda dims: torch.zeros(dims, dtype=self.kv_dtype, device="cuda"), RESERVED_SLOTS)
 
     def step(self, input_ids, attention_mask, position_ids, cache: KVCache):
         import torch
@@ -78,10 +88,10 @@ class TrtDecoder(TextGeneration):
         else:
             raise BuildError("the plan's profiles run a prefill from an empty cache or one token per decode step; "
                              f"got {new} tokens after {cache.tokens}")
-        device = lambda array: torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).cuda()  # noqa: E731
-        inputs = {IDS: device(input_ids), MASK: device(cache.graph_mask(attention_mask)),
-                  POSITIONS: device(position_ids), **cache.past()}
-        logits = torch.empty((batch, new, self.engine.get_tensor_shape(LOGITS)[-1]), dtype=torch.float16, device="cuda")
+        inputs = {IDS: _on_gpu(input_ids), MASK: _on_gpu(cache.graph_mask(attention_mask)),
+                  POSITIONS: _on_gpu(position_ids), **cache.past()}
+        logits = torch.empty((batch, new, self.engine.get_tensor_shape(LOGITS)[-1]), dtype=self.logits_dtype,
+                             device="cuda")
         outputs = {LOGITS: logits, **cache.present(new)}
         for name, tensor in inputs.items():
             context.set_input_shape(name, tuple(tensor.shape))
