@@ -94,3 +94,17 @@ def export_both_graphs(model, names, quantizations, folder):
         ir.save(graph, path)
         graphs[dtype] = (graph, path)
     return graphs
+
+
+def stepwise_logits(engine, window: np.ndarray, prefill: int):
+    """Logits of every position of `window` [batch, seq] computed the generation way: the first `prefill` tokens in
+    one step, then one token per step through the engine's KV cache. Returns (logits, cache)."""
+    batch, length = window.shape
+    cache = engine.new_cache(batch, length)
+    logits, cache = engine.step(window[:, :prefill], np.ones((batch, prefill), np.int64),
+                                np.tile(np.arange(prefill), (batch, 1)), cache)
+    steps = [logits]
+    for t in range(prefill, length):
+        logits, cache = engine.step(window[:, t:t + 1], np.ones((batch, t + 1), np.int64), np.full((batch, 1), t), cache)
+        steps.append(logits)
+    return np.concatenate(steps, axis=1), cache

@@ -13,7 +13,7 @@ from exporters.kv_quant import kv_scales, observe_kv_absmax, quantize_kv_cache
 from exporters.lint import lint_qdq
 from pipeline.generation import Sampling, generate_ids
 from pipeline.runtime import OnnxDecoder
-from tests.conftest import VOCAB, export_both_graphs, random_windows
+from tests.conftest import export_both_graphs, random_windows, stepwise_logits
 from tests.exporters.test_qdq import smoothed_and_planned
 
 
@@ -54,14 +54,9 @@ def test_decode_steps_reproduce_the_int8_prefill(graphs):
     engine = OnnxDecoder(graphs[1][torch.float32][1])
     assert engine.kv_dtype == np.int8
     window = random_windows(2, 10, seed=8)
-    cache = engine.new_cache(2, 10)
-    logits, cache = engine.step(window[:, :4], np.ones((2, 4), np.int64), np.tile(np.arange(4), (2, 1)), cache)
-    steps = [logits]
-    for t in range(4, 10):
-        logits, cache = engine.step(window[:, t:t + 1], np.ones((2, t + 1), np.int64), np.full((2, 1), t), cache)
-        steps.append(logits)
+    stepwise, cache = stepwise_logits(engine, window, prefill=4)
     assert cache.past()["past_key_values.0.key"].dtype == np.int8
-    assert np.abs(np.concatenate(steps, axis=1) - engine.prefill_logits(window)).max() < 1e-4
+    assert np.abs(stepwise - engine.prefill_logits(window)).max() < 1e-4
 
 
 def test_int8_cache_stays_close_to_the_float_cache(graphs):
@@ -73,4 +68,3 @@ def test_int8_cache_stays_close_to_the_float_cache(graphs):
     assert cos.min() > 0.99 and not np.array_equal(base, quant)
     prompts = [[5, 17, 42], [200, 3, 9, 9]]
     assert all(len(t) == 8 for t in generate_ids(OnnxDecoder(int8[torch.float16][1]), prompts, 8, Sampling()))
-    assert set(np.unique(window)) <= set(range(VOCAB))

@@ -15,7 +15,7 @@ from pipeline import PipelineError
 from pipeline.generation import Sampling, filtered_probabilities, generate_ids, left_padded
 from pipeline.runtime import OnnxDecoder, load
 from pipeline.verify import generation_agreement, stop_tokens, torch_greedy
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import VOCAB, stepwise_logits, tiny_model
 
 PROMPTS = [[5, 17, 42], [7], [100, 3, 250, 9, 61, 8, 77], [12, 12, 12, 12], [300, 1, 2, 3, 4, 5]]
 
@@ -47,15 +47,9 @@ def test_greedy_generation_equals_hugging_face_generate(model_and_engine):
 def test_prefill_then_decode_steps_reproduce_full_prefill_logits(model_and_engine):
     _, engine = model_and_engine
     window = np.random.default_rng(1).integers(0, VOCAB, (2, 12))
-    full = engine.prefill_logits(window)
-    cache = engine.new_cache(2, 12)
-    logits, cache = engine.step(window[:, :5], np.ones((2, 5), np.int64), np.tile(np.arange(5), (2, 1)), cache)
-    stepwise = [logits]
-    for t in range(5, 12):
-        logits, cache = engine.step(window[:, t:t + 1], np.ones((2, t + 1), np.int64), np.full((2, 1), t), cache)
-        stepwise.append(logits)
+    stepwise, cache = stepwise_logits(engine, window, prefill=5)
     assert cache.length == 12
-    assert np.abs(np.concatenate(stepwise, axis=1) - full).max() < 1e-4
+    assert np.abs(stepwise - engine.prefill_logits(window)).max() < 1e-4
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(model_and_engine):
