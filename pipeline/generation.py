@@ -19,6 +19,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0  # stop tokens are masked out before this many new tokens (Hugging Face's meaning)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -85,9 +86,13 @@ def generate_ids(engine, prompts: list[list[int]], max_new_tokens: int, sampling
     stops = np.array(sampling.stop_token_ids, dtype=np.int64)
     produced: list[list[int]] = [[] for _ in prompts]
     finished = np.zeros(len(prompts), dtype=bool)
-    for _ in range(max_new_tokens):
+    for produced_count in range(max_new_tokens):
         logits, cache = engine.step(ids, mask, positions, cache)
-        chosen = next_tokens(logits[:, -1], sampling, rng)
+        last = logits[:, -1]
+        if produced_count < sampling.min_new_tokens and len(stops):
+            last = last.copy()
+            last[:, stops] = -np.inf
+        chosen = next_tokens(last, sampling, rng)
         for row in np.flatnonzero(~finished):
             produced[row].append(int(chosen[row]))
             if on_token is not None:

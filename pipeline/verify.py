@@ -174,14 +174,15 @@ def stop_tokens(model: torch.nn.Module) -> tuple[int, ...]:
 
 
 def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Hugging Face generate(), greedy, up to new_tokens per prompt. No min_new_tokens: that would suppress the
-    end-of-sequence token, which our loop (like any service) stops at instead."""
+    """Hugging Face generate(), greedy, exactly new_tokens per prompt: min_new_tokens masks the end-of-sequence
+    tokens until then, as our loop does with Sampling.min_new_tokens, so every prompt compares at full length."""
     out = []
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt])
             generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                       max_new_tokens=new_tokens, pad_token_id=(stop_tokens(model) or (0,))[0])
+                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       pad_token_id=(stop_tokens(model) or (0,))[0])
             out.append(generated[0, len(prompt):].tolist())
     return out
 
@@ -191,7 +192,8 @@ def onnx_greedy(path: Path, prompts: list[list[int]], new_tokens: int, stops: tu
     from pipeline.runtime import OnnxDecoder
 
     engine = OnnxDecoder(path)
-    return [generate_ids(engine, [prompt], new_tokens, Sampling(stop_token_ids=stops))[0]
+    sampling = Sampling(stop_token_ids=stops, min_new_tokens=new_tokens)
+    return [generate_ids(engine, [prompt], new_tokens, sampling)[0]
             for prompt in tqdm(prompts, desc=f"generating with {path.name}", unit="prompt")]
 
 

@@ -40,8 +40,8 @@ def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
 def test_greedy_generation_equals_hugging_face_generate(model_and_engine):
     model, engine = model_and_engine
     for prompt in PROMPTS:
-        ours = generate_ids(engine, [prompt], 32, Sampling(stop_token_ids=stop_tokens(model)))[0]
-        assert ours == hf_greedy(model, prompt, 32), prompt
+        ours = generate_ids(engine, [prompt], 32, Sampling(stop_token_ids=stop_tokens(model), min_new_tokens=32))[0]
+        assert ours == hf_greedy(model, prompt, 32) and len(ours) == 32, prompt
 
 
 def test_prefill_then_decode_steps_reproduce_full_prefill_logits(model_and_engine):
@@ -73,7 +73,7 @@ def test_fp16_graph_generates_through_the_same_loop(tmp_path):
     model = tiny_model(outliers=False)
     fp16 = exported_decoder(model, tmp_path, torch.float16)
     assert fp16.kv_dtype == np.float16
-    tokens = generate_ids(fp16, PROMPTS[:2], 8, Sampling(stop_token_ids=stop_tokens(model)))
+    tokens = generate_ids(fp16, PROMPTS[:2], 8, Sampling(stop_token_ids=stop_tokens(model), min_new_tokens=8))
     reference = [hf_greedy(model, p, 8) for p in PROMPTS[:2]]
     agree = np.mean([a == b for ours, ref in zip(tokens, reference) for a, b in zip(ours, ref)])
     assert agree >= 0.75  # FP16 rounding may flip a near-tie on a random model, not most tokens
@@ -84,6 +84,8 @@ def test_stop_token_ends_a_row_and_sampling_is_seeded(model_and_engine):
     greedy = generate_ids(engine, [PROMPTS[0]], 10, Sampling())[0]
     stopped = generate_ids(engine, [PROMPTS[0]], 10, Sampling(stop_token_ids=(greedy[3],)))[0]
     assert stopped == greedy[: greedy.index(greedy[3]) + 1]
+    held = generate_ids(engine, [PROMPTS[0]], 10, Sampling(stop_token_ids=(greedy[3],), min_new_tokens=10))[0]
+    assert len(held) == 10 and greedy[3] not in held  # masked until the minimum, which is the whole budget
     sampled = [generate_ids(engine, [PROMPTS[0]], 10, Sampling(temperature=1.5, seed=s))[0] for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
     assert generate_ids(engine, [PROMPTS[0]], 10, Sampling(temperature=0.7, top_k=1, seed=3))[0] == greedy
