@@ -24,7 +24,7 @@ ARGS = --model $(MODEL) --calib $(CALIB) --quant $(QUANT) --group-size $(GROUP_S
        --max-batch $(MAX_BATCH) --max-input-len $(MAX_INPUT_LEN) --max-seq-len $(MAX_SEQ_LEN) \
        $(if $(filter 1,$(KV_INT8)),--kv-cache-int8) $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET))
 
-.PHONY: setup engine calibrate quantize export build verify serve triton test
+.PHONY: setup engine calibrate quantize export build verify serve triton bench test
 setup:
 	python3 -m venv .venv
 	.venv/bin/pip install -q torch==2.13.0
@@ -46,6 +46,13 @@ serve:
 
 triton:
 	$(PY) -m pipeline triton --out $(ENGINE_DIR) --max-batch $(MAX_BATCH)
+
+# Benchmarks use the shared WikiText-2 protocol (test and benchmark data; the product itself never needs it).
+BENCH_DATA ?= ../shared/data/wikitext2/test.txt
+RECIPES    ?= w8a8,w8a8-naive
+bench:
+	$(PY) bench/run.py --model $(MODEL) --calib $(BENCH_DATA) --eval $(BENCH_DATA) --recipes $(RECIPES) \
+	    --calib-windows $(CALIB_WINDOWS) --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN)
 
 test:
 	$(PY) -m pytest -q

@@ -1,0 +1,79 @@
+"""ONNX Runtime CPU latency of decoder graphs side by side, and which kernels ran their MatMuls."""
+
+from __future__ import annotations
+
+import collections
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from exporters.decoder_io import DecoderShape
+from pipeline.runtime import OnnxDecoder
+
+PREFILL_SHAPES = {"prefill 1x512": (1, 512), "prefill 4x128": (4, 128)}
+DECODE_PROMPT, DECODE_STEPS = 128, 32
+INTEGER_MATMULS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "QGemm")
+FLOAT_MATMULS = ("MatMul", "FusedMatMul", "Gemm", "MatMulNBits")
+
+
+def _prefill_seconds(engine: OnnxDecoder, ids: np.ndarray) -> float:
+    start = time.perf_counter()
+    engine.prefill_logits(ids)
+    return time.perf_counter() - start
+
+
+def _decode_step_seconds(engine: OnnxDecoder, ids: np.ndarray) -> list[float]:
+    cache = engine.new_cache(1, DECODE_PROMPT + DECODE_STEPS)
+    _, cache = engine.step(ids[:, :DECODE_PROMPT], np.ones((1, DECODE_PROMPT), np.int64),
+                           np.arange(DECODE_PROMPT)[None], cache)
+    times = []
+    for t in range(DECODE_PROMPT, DECODE_PROMPT + DECODE_STEPS):
+        start = time.perf_counter()
+        engine.step(ids[:, t:t + 1], np.ones((1, t + 1), np.int64), np.array([[t]]), cache)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _tokens(text_tokens: np.ndarray, batch: int, length: int) -> np.ndarray:
+    return np.resize(text_tokens, batch * length).reshape(batch, length).astype(np.int64)
+
+
+def compare(graphs: dict[str, Path], repeats: int, text_tokens: np.ndarray) -> dict:
+    """Median milliseconds per graph and shape, on real token ids. Graphs take turns inside each repeat, so a
+    change of machine load hits all of them alike; the ratios between graphs are the figures to quote."""
+    engines = {label: OnnxDecoder(path) for label, path in graphs.items()}
+    inputs = {name: _tokens(text_tokens, *shape) for name, shape in PREFILL_SHAPES.items()}
+    decode_ids = _tokens(text_tokens, 1, DECODE_PROMPT + DECODE_STEPS)
+    samples = {label: collections.defaultdict(list) for label in graphs}
+    for engine in engines.values():  # warm-up: allocations, kernel choices
+        for ids in inputs.values():
+            engine.prefill_logits(ids)
+    for _ in range(repeats):
+        for label, engine in engines.items():
+            for name, ids in inputs.items():
+                samples[label][name].append(_prefill_seconds(engine, ids))
+    for label, engine in engines.items():
+        samples[label]["decode step (KV cache)"] = _decode_step_seconds(engine, decode_ids)
+    return {label: {name: 1e3 * statistics.median(values) for name, values in by_shape.items()}
+            for label, by_shape in samples.items()}
+
+
+def kernel_census(path: Path) -> dict:
+    """ONNX Runtime's profile of one prefill: how many integer and float MatMul kernels ran."""
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(path).with_suffix("")) + ".profile"
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    shape = DecoderShape.from_inputs({i.name: i.shape for i in session.get_inputs()})
+    session.run(["logits"], shape.prefill_feed(np.arange(64)[None]))
+    profile = Path(session.end_profiling())
+    ops = collections.Counter(event["args"]["op_name"] for event in json.loads(profile.read_text())
+                              if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"))
+    profile.unlink()
+    return {"integer_matmuls": sum(ops[o] for o in INTEGER_MATMULS), "float_matmuls": sum(ops[o] for o in FLOAT_MATMULS),
+            "ops": {op: n for op, n in ops.items() if op in INTEGER_MATMULS + FLOAT_MATMULS}}

@@ -1,0 +1,174 @@
+"""`make bench`: what the pipeline costs and what its INT8 graph buys, measured side by side in one run.
+
+    python bench/run.py --calib ../shared/data/wikitext2/test.txt --eval ../shared/data/wikitext2/test.txt
+                        [--model smollm2-135m] [--recipes w8a8,w8a8-naive] [--out build/bench]
+
+- pipeline: each stage as its own process (wall time, peak RSS), fresh OUT, and the model load alone;
+- ratios for the targets: calibration vs the plain forward passes over the same windows, the whole run vs those
+  forwards plus the ONNX Runtime evaluation of both graphs;
+- artifacts: bytes of each graph and bytes per parameter;
+- ONNX Runtime CPU latency of the FP32 reference, our INT8 Q/DQ graph and ONNX Runtime's own quantize_static model
+  (same reference ONNX, same calibration windows): prefill 1 x 512 and 4 x 128, decode step with the KV cache;
+  ONNX Runtime's profiler says which kernels ran the quantized MatMuls;
+- accuracy rows for each recipe (perplexity on the evaluation windows).
+Writes bench/results/bench.json and bench.md (or --results DIR). Ratios are the figures to quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import latency, targets  # noqa: E402
+from bench.quantize_static import quantize_static_model  # noqa: E402
+
+STAGES = ("calibrate", "quantize", "export", "build", "verify")
+RECIPE_ARGS = {  # recipe -> extra CLI options of `python -m pipeline`
+    "w8a8": [],  # SmoothQuant, per-group auto alpha (the default)
+    "w8a8-naive": ["--no-smooth"],
+    "w8a8-gptq": ["--quant", "w8a8-gptq"],
+    "w4a16-rtn": ["--quant", "w4a16-rtn"],
+    "w4a16-gptq": ["--quant", "w4a16-gptq"],
+}
+
+
+def timed_process(argv: list[str]) -> dict:
+    """Run a Python module in its own process: wall seconds and that process's peak RSS (wait4 rusage)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr_lines = []
+    for line in proc.stderr:  # drain so the child never blocks on a full pipe; keep the tail for errors
+        stderr_lines = (stderr_lines + [line.decode(errors="replace")])[-20:]
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{''.join(stderr_lines)}")
+    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def pipeline_args(args, out: Path, recipe: str) -> list[str]:
+    return ["--model", args.model, "--out", str(out), "--calib", args.calib, "--eval", args.eval,
+            "--calib-windows", str(args.calib_windows), "--eval-windows", str(args.eval_windows),
+            "--seq-len", str(args.seq_len), *RECIPE_ARGS[recipe]]
+
+
+def run_pipeline(args, out: Path, recipe: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    stages = {}
+    for stage in STAGES:
+        print(f"bench: {recipe}: {stage}", flush=True)
+        stages[stage] = timed_process(["-m", "pipeline", stage, *pipeline_args(args, out, recipe)])
+    report = json.loads((out / "report.json").read_text())
+    return {"stages": stages, "report": report}
+
+
+def load_only(model: str) -> dict:
+    code = f"from pipeline import models; models.load(models.resolve({model!r}))"
+    return timed_process(["-c", code])
+
+
+def forward_costs(args, out: Path) -> dict:
+    """In one process: plain forwards over the calibration + evaluation windows, the statistics collection over
+    the calibration windows (hooks), and the ONNX Runtime evaluation of both graphs (what verify must run)."""
+    import torch
+
+    from calibration.stats import collect_input_absmax, quantizable_linears
+    from pipeline import models, verify
+
+    model, _, spec = models.load(models.resolve(args.model))
+    windows = np.load(out / "windows.npz")
+    calibration, evaluation = windows["calibration"], windows["evaluation"]
+    batch = 4  # the calibrate stage's default batch size
+
+    def plain(ids: np.ndarray) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(ids), batch):
+                model(input_ids=torch.from_numpy(ids[i:i + batch]), use_cache=False, logits_to_keep=1)
+        return time.perf_counter() - start
+
+    plain(calibration[:batch])  # warm-up
+    plain_calibration = plain(calibration)
+    start = time.perf_counter()
+    collect_input_absmax(model, quantizable_linears(model, spec), calibration, batch)
+    hooked = time.perf_counter() - start
+    plain_all = plain_calibration + plain(evaluation)
+    start = time.perf_counter()
+    verify.compare_graphs(out / "reference.onnx", out / "quantized.onnx", evaluation, "bench: both graphs")
+    onnx_eval = time.perf_counter() - start
+    parameters = sum(p.numel() for p in model.parameters())
+    return {"plain_forward_calibration_seconds": plain_calibration, "calibration_statistics_seconds": hooked,
+            "plain_forward_all_windows_seconds": plain_all, "onnx_evaluation_both_graphs_seconds": onnx_eval,
+            "windows": {"calibration": len(calibration), "evaluation": len(evaluation)},
+            "parameters": parameters, "fp32_model_bytes": parameters * 4}
+
+
+def graph_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", required=True, help="calibration text (the shared protocol: WikiText-2 test)")
+    parser.add_argument("--eval", required=True, help="evaluation text")
+    parser.add_argument("--calib-windows", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--recipes", default="w8a8,w8a8-naive",
+                        help=f"comma-separated, first one is timed stage by stage: {', '.join(RECIPE_ARGS)}")
+    parser.add_argument("--out", default="build/bench")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--latency-repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    recipes = args.recipes.split(",")
+    unknown = [r for r in recipes if r not in RECIPE_ARGS]
+    if unknown:
+        raise SystemExit(f"error: unknown recipe(s) {unknown}: choose from {', '.join(RECIPE_ARGS)}")
+    root = Path(args.out)
+    started = time.perf_counter()
+    runs = {recipe: run_pipeline(args, root / recipe, recipe) for recipe in recipes}
+    main_out = root / recipes[0]
+    result = {"command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "model": args.model, "recipes": recipes, "load": load_only(args.model),
+              "pipeline": runs[recipes[0]]["stages"]}
+    print("bench: plain forwards, statistics and ONNX Runtime evaluation", flush=True)
+    result["costs"] = forward_costs(args, main_out)
+    print("bench: ONNX Runtime quantize_static on the same reference and calibration windows", flush=True)
+    static = quantize_static_model(main_out / "reference.onnx", np.load(main_out / "windows.npz"), root / "quantize_static")
+    result["quantize_static"] = static
+    graphs = {"reference FP32": main_out / "reference.onnx", "smoothtrt W8A8": main_out / "quantized.onnx",
+              "ORT quantize_static": Path(static["path"])}
+    parameters = result["costs"]["parameters"]
+    result["artifacts"] = {label: {"bytes": graph_bytes(p), "bytes_per_parameter": graph_bytes(p) / parameters}
+                           for label, p in {**graphs, "smoothtrt W8A8 FP16 (TensorRT)": main_out / "quantized.fp16.onnx"}.items()}
+    print("bench: latency", flush=True)
+    result["latency"] = latency.compare(graphs, args.latency_repeats, np.load(main_out / "windows.npz")["evaluation"].ravel())
+    result["integer_kernels"] = {label: latency.kernel_census(path) for label, path in graphs.items()
+                                 if label != "reference FP32"}
+    result["accuracy"] = {recipe: runs[recipe]["report"]["accuracy"] for recipe in recipes}
+    result["accuracy"]["ORT quantize_static"] = static["accuracy"]
+    result["targets"] = targets.evaluate(result)
+    result["total_seconds"] = time.perf_counter() - started
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "bench.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (results / "bench.md").write_text(targets.markdown(result))
+    print(targets.markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Issue targets as ratios of one bench run, and the Markdown table of everything measured."""
+
+from __future__ import annotations
+
+MB = 1e6
+OURS, FP32, STATIC = "smoothtrt W8A8", "reference FP32", "ORT quantize_static"
+
+
+def _target(name: str, measured: float | None, limit: float, at_most: bool, unit: str = "x") -> dict:
+    met = None if measured is None else (measured <= limit if at_most else measured >= limit)
+    return {"target": name, "measured": measured, "limit": f"{'<=' if at_most else '>='} {limit}{unit}", "met": met}
+
+
+def evaluate(r: dict) -> list[dict]:
+    costs, lat, stages = r["costs"], r["latency"], r["pipeline"]
+    engine_seconds = sum(s["seconds"] for s in stages.values())
+    peak_rss = max(s["peak_rss_bytes"] for s in stages.values())
+    rows = [
+        _target("calibration statistics vs plain forwards over the same windows",
+                costs["calibration_statistics_seconds"] / costs["plain_forward_calibration_seconds"], 1.2, True),
+        _target("whole pipeline vs plain forwards over calibration + evaluation windows + ONNX Runtime evaluation of "
+                "both graphs", engine_seconds / (costs["plain_forward_all_windows_seconds"]
+                                                 + costs["onnx_evaluation_both_graphs_seconds"]), 2.0, True),
+    ]
+    for shape in ("prefill 1x512", "prefill 4x128"):
+        rows.append(_target(f"{shape}: INT8 speed-up over FP32 reference", lat[FP32][shape] / lat[OURS][shape], 1.5, False))
+        rows.append(_target(f"{shape}: INT8 speed vs quantize_static (theirs / ours)", lat[STATIC][shape] / lat[OURS][shape],
+                            1.0, False))
+    rows.append(_target("INT8 Q/DQ ONNX bytes / FP32 reference bytes",
+                        r["artifacts"][OURS]["bytes"] / r["artifacts"][FP32]["bytes"], 0.40, True))
+    rows.append(_target("peak RSS of the pipeline / FP32 model bytes", peak_rss / costs["fp32_model_bytes"], 2.5, True))
+    rows.append(_target("peak RSS with --low-memory / FP32 model bytes (not built: no measurement)", None, 1.2, True))
+    return rows
+
+
+VERDICT = {True: "yes", False: "NO", None: "not measured"}
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# smoothtrt bench: {r['model']}", "", f"Command: `{r['command']}`", "",
+             f"Recipe timed stage by stage: {r['recipes'][0]}. Each stage ran as its own process (model load "
+             "included in each); peak RSS is that process's.", "",
+             "| stage | seconds | peak RSS MB |", "| --- | --- | --- |",
+             f"| model load alone | {r['load']['seconds']:.1f} | {r['load']['peak_rss_bytes'] / MB:.0f} |"]
+    lines += [f"| {name} | {s['seconds']:.1f} | {s['peak_rss_bytes'] / MB:.0f} |" for name, s in r["pipeline"].items()]
+    c = r["costs"]
+    lines += ["", f"Plain forwards ({c['windows']['calibration']} calibration windows): "
+              f"{c['plain_forward_calibration_seconds']:.1f} s; statistics collection over them: "
+              f"{c['calibration_statistics_seconds']:.1f} s; plain forwards over all windows: "
+              f"{c['plain_forward_all_windows_seconds']:.1f} s; ONNX Runtime evaluation of both graphs "
+              f"({c['windows']['evaluation']} windows): {c['onnx_evaluation_both_graphs_seconds']:.1f} s. "
+              f"Parameters: {c['parameters']:,}.", "",
+              "| artifact | MB | bytes per parameter |", "| --- | --- | --- |"]
+    lines += [f"| {label} | {a['bytes'] / MB:.1f} | {a['bytes_per_parameter']:.2f} |" for label, a in r["artifacts"].items()]
+    shapes = list(next(iter(r["latency"].values())))
+    lines += ["", "ONNX Runtime CPU, median ms (ratio: FP32 time / this graph's time):", "",
+              "| graph | " + " | ".join(shapes) + " |", "| --- |" + " --- |" * len(shapes)]
+    for label, times in r["latency"].items():
+        cells = [f"{times[s]:.1f} ({r['latency'][FP32][s] / times[s]:.2f}x)" for s in shapes]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Kernels that ran the MatMuls of one prefill (ONNX Runtime profiler):", "",
+              "| graph | integer MatMul kernels | float MatMul kernels | by op |", "| --- | --- | --- | --- |"]
+    lines += [f"| {label} | {k['integer_matmuls']} | {k['float_matmuls']} | {k['ops']} |"
+              for label, k in r["integer_kernels"].items()]
+    s = r["quantize_static"]
+    lines += ["", f"quantize_static took {s['seconds_to_quantize']:.1f} s on {s['calibration_windows']} calibration "
+              "windows.", "", "| recipe | perplexity | reference | delta | top-1 agreement |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {a['perplexity_quantized_fp32_onnx']:.4f} | {a['perplexity_reference_fp32_onnx']:.4f} | "
+              f"{a['perplexity_delta_percent']:+.2f}% | {100 * a['next_token_top1_agreement']:.2f}% |"
+              for name, a in r["accuracy"].items()]
+    lines += ["", "| target | measured | limit | met |", "| --- | --- | --- | --- |"]
+    lines += [f"| {t['target']} | {_number(t['measured'])} | {t['limit']} | {VERDICT[t['met']]} |" for t in r["targets"]]
+    lines += ["", f"Total bench time: {r['total_seconds'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
