@@ -116,6 +116,8 @@ def _trace(wrapper: torch.nn.Module, shape: DecoderShape, dtype: torch.dtype, op
                 wrapper, sample, str(path), input_names=shape.input_names, output_names=shape.output_names,
                 dynamic_axes=shape.dynamic_axes(), opset_version=opset, dynamo=False, do_constant_folding=True,
             )
+        except OSError as e:  # a full disk (or file-size limit) where the tracer writes: say where
+            raise OSError(e.errno, e.strerror, str(path)) from None
         except Exception as e:  # the exporter raises many types; report one line with the cause
             raise ExportError(f"torch.onnx export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
         graph_model = ir.load(path)

@@ -40,17 +40,24 @@ def atomic_path(final: Path):
 
 
 @contextlib.contextmanager
-def atomic_folder(final: Path):
-    """Yield an empty temporary sibling folder; it replaces `final` only if the block succeeds."""
-    tmp = final.with_name(f".{final.name}.partial")
+def scratch_folder(near: Path):
+    """An empty temporary folder beside `near` (same filesystem, so renames out of it are atomic), always removed."""
+    tmp = near.with_name(f".{near.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path):
+    """Yield an empty temporary sibling folder; it replaces `final` only if the block succeeds."""
+    with scratch_folder(final) as tmp:
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
 
 
 def write_json(path: Path, data) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -179,6 +180,13 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; completed stages are kept and the next run resumes after them", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk or a file-size limit mid-write: the stage's temporary files are gone
+        full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}: "
+              f"{'free disk space or choose another OUT' if full else 'check the path and its permissions'}; "
+              "completed stages are kept", file=sys.stderr)
+        return 2
     return 0
 
 

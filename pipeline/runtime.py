@@ -85,7 +85,10 @@ class OnnxDecoder(TextGeneration):
         from pipeline.verify import onnx_session  # the same session options as verification
 
         self.path, self.reserved_slots = Path(path), reserved_slots
-        self.session = onnx_session(self.path, providers)
+        try:
+            self.session = onnx_session(self.path, providers)
+        except Exception as e:  # ONNX Runtime raises its own exception types for unreadable models
+            raise PipelineError(f"cannot load {self.path.name} in ONNX Runtime: {diagnose_onnx(self.path, e)}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.shape = DecoderShape.from_inputs({name: i.shape for name, i in inputs.items()})
         self.kv_dtype = KV_DTYPES[inputs[self.shape.past_names[0]].type]
@@ -113,6 +116,23 @@ class OnnxDecoder(TextGeneration):
     def prefill_logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Teacher-forced logits of whole unpadded windows (no cache kept)."""
         return self.session.run([LOGITS], self.shape.prefill_feed(input_ids, self.kv_dtype))[0]
+
+
+def diagnose_onnx(path: Path, error: Exception) -> str:
+    """Why a graph would not load, in words a user can act on: missing external data, a corrupt file, or the
+    runtime's own first line."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return "the file is not a readable ONNX model (truncated or corrupt): re-run `python -m pipeline export`"
+    missing = sorted({entry.value for t in model.graph.initializer if uses_external_data(t)
+                      for entry in t.external_data if entry.key == "location" and not (path.parent / entry.value).exists()})
+    if missing:
+        return f"its external data {', '.join(missing)} is missing next to it: copy it beside {path.name}"
+    return str(error).strip().splitlines()[0]
 
 
 def load_tokenizer(folder: Path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ from exporters.onnx_export import export_model
 from exporters.qdq import LinearQuantization, grouped_linear, insert_qdq, module_node_map
 from pipeline import PipelineError, models, report, tuning, verify
 from pipeline.budget import fit_budget
-from pipeline.artifacts import StageRecords, atomic_folder, atomic_path, prepare_out, read_json, versions, write_json
+from pipeline.artifacts import (StageRecords, atomic_folder, atomic_path, prepare_out, read_json, scratch_folder,
+                                versions, write_json)
 from pipeline.config import RunConfig, digest
 from pipeline.runtime import TOKENIZER
 from pipeline.weights import FLOAT_MODULES, integer_weights
@@ -191,11 +193,17 @@ def linear_quantizations(plan: QuantPlan, weights: dict[str, QuantizedWeight]) -
 
 
 def save_onnx(graph: ir.Model, path: Path, threshold: int) -> None:
+    """Write the graph (with `<name>.data` beside it when its tensors exceed `threshold` bytes: protobuf's 2 GB
+    limit) into a temporary folder, check it, then move the data and finally the graph into place, so a crash or a
+    full disk never leaves a graph, or data, that is half written."""
     size = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
     external = path.name + ".data" if size > threshold else None
-    with atomic_path(path) as tmp:
-        ir.save(graph, tmp, external_data=external)
-    check_onnx_file(path)
+    with scratch_folder(path) as tmp:
+        ir.save(graph, tmp / path.name, external_data=external)
+        check_onnx_file(tmp / path.name)
+        if external:
+            os.replace(tmp / external, path.with_name(external))
+        os.replace(tmp / path.name, path)
 
 
 def calibrate_kv_cache(run: Run, graph: ir.Model) -> dict[str, float]:

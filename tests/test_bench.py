@@ -1,0 +1,26 @@
+"""CI smoke run of `make bench` on a tiny model: every section is produced, the kernel census sees our W8A8
+linears run as integer GEMMs, and targets are reported (their values mean nothing on a tiny model)."""
+
+from __future__ import annotations
+
+import json
+
+from bench.run import main
+
+
+def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus):
+    results = tmp_path / "results"
+    main(["--model", str(tiny_model_dir), "--calib", str(corpus), "--eval", str(corpus), "--calib-windows", "4",
+          "--eval-windows", "2", "--seq-len", "32", "--recipes", "w8a8,w4a16-rtn", "--out", str(tmp_path / "out"),
+          "--results", str(results), "--latency-repeats", "1"])
+    r = json.loads((results / "bench.json").read_text())
+    assert set(r["pipeline"]) == {"calibrate", "quantize", "export", "build", "verify"}
+    assert all(s["seconds"] > 0 and s["peak_rss_bytes"] > 100e6 for s in r["pipeline"].values())
+    assert r["integer_kernels"]["smoothtrt W8A8"]["integer_matmuls"] == 14  # every quantized linear, 2 layers x 7
+    assert r["integer_kernels"]["ORT quantize_static"]["integer_matmuls"] > 0
+    assert r["artifacts"]["smoothtrt W8A8"]["bytes"] < r["artifacts"]["reference FP32"]["bytes"]
+    assert set(r["accuracy"]) == {"w8a8", "w4a16-rtn", "ORT quantize_static"}
+    assert set(r["latency"]["smoothtrt W8A8"]) == {"prefill 1x512", "prefill 4x128", "decode step (KV cache)"}
+    measured = [t for t in r["targets"] if t["measured"] is not None]
+    assert len(measured) == 8 and all(t["met"] in (True, False) for t in measured)
+    assert "| target | measured | limit | met |" in (results / "bench.md").read_text()
