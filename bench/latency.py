@@ -42,10 +42,11 @@ def _tokens(text_tokens: np.ndarray, batch: int, length: int) -> np.ndarray:
     return np.resize(text_tokens, batch * length).reshape(batch, length).astype(np.int64)
 
 
-def compare(graphs: dict[str, Path], repeats: int, text_tokens: np.ndarray) -> dict:
-    """Median milliseconds per graph and shape, on real token ids. Graphs take turns inside each repeat, so a
-    change of machine load hits all of them alike; the ratios between graphs are the figures to quote."""
-    engines = {label: OnnxDecoder(path) for label, path in graphs.items()}
+def compare(graphs: dict[str, tuple[Path, tuple[str, ...]]], repeats: int, text_tokens: np.ndarray) -> dict:
+    """Median milliseconds per graph (path, ONNX Runtime optimizers to disable) and shape, on real token ids.
+    Graphs take turns inside each repeat, so a change of machine load hits all of them alike; the ratios between
+    graphs are the figures to quote."""
+    engines = {label: OnnxDecoder(path, disabled_optimizers=off) for label, (path, off) in graphs.items()}
     inputs = {name: _tokens(text_tokens, *shape) for name, shape in PREFILL_SHAPES.items()}
     decode_ids = _tokens(text_tokens, 1, DECODE_PROMPT + DECODE_STEPS)
     samples = {label: collections.defaultdict(list) for label in graphs}
@@ -62,13 +63,14 @@ def compare(graphs: dict[str, Path], repeats: int, text_tokens: np.ndarray) -> d
             for label, by_shape in samples.items()}
 
 
-def kernel_census(path: Path) -> dict:
+def kernel_census(path: Path, disabled_optimizers: tuple[str, ...] = ()) -> dict:
     """ONNX Runtime's profile of one prefill: how many integer and float MatMul kernels ran."""
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(path).with_suffix("")) + ".profile"
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=list(disabled_optimizers))
     shape = DecoderShape.from_inputs({i.name: i.shape for i in session.get_inputs()})
     session.run(["logits"], shape.prefill_feed(np.arange(64)[None]))
     profile = Path(session.end_profiling())

@@ -1,5 +1,8 @@
 """The tool users would pick instead: ONNX Runtime's quantize_static (QDQ, per-channel INT8 weights, its default
-UINT8 asymmetric activations, MinMax calibration) on our reference ONNX with our calibration windows."""
+UINT8 asymmetric activations, MinMax calibration) on our reference ONNX with our calibration windows, restricted
+to MatMul as an engineer would configure it for an LLM: with its default operator list it also quantizes the
+residual Adds, RMSNorm's Pow/Sqrt/Mul, RoPE and Softmax, and SmolLM2 collapses (perplexity 103,592 vs 29.60,
+measured 2026-11-23 with this script before the restriction)."""
 
 from __future__ import annotations
 
@@ -11,8 +14,13 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 
 from exporters.decoder_io import DecoderShape
 from pipeline import verify
+from pipeline.runtime import OnnxDecoder
 
 QUANTIZED = "quantize_static.onnx"
+# ONNX Runtime 1.31 cannot create a session for quantize_static's MatMul-only output with its default optimizers:
+# QDQ propagation through the Reshape before attention builds a QuantizeLinear whose output_dtype and zero-point
+# types disagree (microsoft/onnxruntime#25526). Measured with that one optimizer off.
+DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
 
 
 class WindowReader(CalibrationDataReader):
@@ -50,11 +58,22 @@ def quantize_static_model(reference: Path, windows, folder: Path) -> dict:
     start = time.perf_counter()
     quantize_static(str(reference), str(output), WindowReader(shape, calibration), quant_format=QuantFormat.QDQ,
                     per_channel=True, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    op_types_to_quantize=["MatMul"],
                     extra_options={} if flush is None else {"CalibMaxIntermediateOutputs": flush})
     seconds = time.perf_counter() - start
-    accuracy = verify.compare_graphs(reference, output, windows["evaluation"], "reference vs quantize_static")
     return {"path": str(output), "seconds_to_quantize": seconds, "calibration_windows": len(calibration),
-            "accuracy": {"perplexity_reference_fp32_onnx": accuracy["perplexity_reference"],
-                         "perplexity_quantized_fp32_onnx": accuracy["perplexity_candidate"],
-                         "perplexity_delta_percent": accuracy["perplexity_delta_percent"],
-                         "next_token_top1_agreement": accuracy["top1_agreement"]}}
+            "disabled_optimizers": list(DISABLED_OPTIMIZERS), "accuracy": accuracy(reference, output, windows["evaluation"])}
+
+
+def accuracy(reference: Path, candidate: Path, windows: np.ndarray) -> dict:
+    """Perplexity of both graphs and top-1 agreement, as the verify stage computes them."""
+    ref_ppl, cand_ppl, pair = verify.Perplexity(), verify.Perplexity(), verify.PairStats()
+    ref, cand = OnnxDecoder(reference), OnnxDecoder(candidate, disabled_optimizers=DISABLED_OPTIMIZERS)
+    for window in windows:
+        ref_logits, cand_logits = ref.prefill_logits(window[None, :]), cand.prefill_logits(window[None, :])
+        ref_ppl.add(ref_logits, window[None, :])
+        cand_ppl.add(cand_logits, window[None, :])
+        pair.add(ref_logits, cand_logits)
+    return {"perplexity_reference_fp32_onnx": ref_ppl.value(), "perplexity_quantized_fp32_onnx": cand_ppl.value(),
+            "perplexity_delta_percent": 100.0 * (cand_ppl.value() / ref_ppl.value() - 1.0),
+            "next_token_top1_agreement": pair.summary()["top1_agreement"]}

@@ -149,14 +149,16 @@ def main(argv: list[str] | None = None) -> dict:
     print("bench: ONNX Runtime quantize_static on the same reference and calibration windows", flush=True)
     static = quantize_static_model(main_out / "reference.onnx", np.load(main_out / "windows.npz"), root / "quantize_static")
     result["quantize_static"] = static
-    graphs = {"reference FP32": main_out / "reference.onnx", "smoothtrt W8A8": main_out / "quantized.onnx",
-              "ORT quantize_static": Path(static["path"])}
+    graphs = {"reference FP32": (main_out / "reference.onnx", ()), "smoothtrt W8A8": (main_out / "quantized.onnx", ()),
+              "ORT quantize_static": (Path(static["path"]), tuple(static["disabled_optimizers"]))}
     parameters = result["costs"]["parameters"]
+    files = {label: path for label, (path, _) in graphs.items()}
+    files["smoothtrt W8A8 FP16 (TensorRT)"] = main_out / "quantized.fp16.onnx"
     result["artifacts"] = {label: {"bytes": graph_bytes(p), "bytes_per_parameter": graph_bytes(p) / parameters}
-                           for label, p in {**graphs, "smoothtrt W8A8 FP16 (TensorRT)": main_out / "quantized.fp16.onnx"}.items()}
+                           for label, p in files.items()}
     print("bench: latency", flush=True)
     result["latency"] = latency.compare(graphs, args.latency_repeats, np.load(main_out / "windows.npz")["evaluation"].ravel())
-    result["integer_kernels"] = {label: latency.kernel_census(path) for label, path in graphs.items()
+    result["integer_kernels"] = {label: latency.kernel_census(path, off) for label, (path, off) in graphs.items()
                                  if label != "reference FP32"}
     result["accuracy"] = {recipe: runs[recipe]["report"]["accuracy"] for recipe in recipes}
     result["accuracy"]["ORT quantize_static"] = static["accuracy"]

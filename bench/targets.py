@@ -67,8 +67,10 @@ def markdown(r: dict) -> str:
     lines += [f"| {label} | {k['integer_matmuls']} | {k['float_matmuls']} | {k['ops']} |"
               for label, k in r["integer_kernels"].items()]
     s = r["quantize_static"]
-    lines += ["", f"quantize_static took {s['seconds_to_quantize']:.1f} s on {s['calibration_windows']} calibration "
-              "windows.", "", "| recipe | perplexity | reference | delta | top-1 agreement |", "| --- | --- | --- | --- | --- |"]
+    off = (f"; its graph measured with ONNX Runtime's {', '.join(s['disabled_optimizers'])} off (with the defaults "
+           "ONNX Runtime cannot load it: microsoft/onnxruntime#25526)") if s["disabled_optimizers"] else ""
+    lines += ["", f"quantize_static (QDQ, per-channel, MatMul only) took {s['seconds_to_quantize']:.1f} s on "
+              f"{s['calibration_windows']} calibration windows{off}.", "", "| recipe | perplexity | reference | delta | top-1 agreement |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {a['perplexity_quantized_fp32_onnx']:.4f} | {a['perplexity_reference_fp32_onnx']:.4f} | "
               f"{a['perplexity_delta_percent']:+.2f}% | {100 * a['next_token_top1_agreement']:.2f}% |"
               for name, a in r["accuracy"].items()]

@@ -81,12 +81,13 @@ class OnnxDecoder(TextGeneration):
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, providers: list[str] | None = None, reserved_slots: int = 0):
+    def __init__(self, path: Path, providers: list[str] | None = None, reserved_slots: int = 0,
+                 disabled_optimizers: tuple[str, ...] = ()):
         from pipeline.verify import onnx_session  # the same session options as verification
 
         self.path, self.reserved_slots = Path(path), reserved_slots
         try:
-            self.session = onnx_session(self.path, providers)
+            self.session = onnx_session(self.path, providers, disabled_optimizers)
         except Exception as e:  # ONNX Runtime raises its own exception types for unreadable models
             raise PipelineError(f"cannot load {self.path.name} in ONNX Runtime: {diagnose_onnx(self.path, e)}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}

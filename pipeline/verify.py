@@ -81,13 +81,16 @@ class Perplexity:
         return float(np.exp(self.nll / self.count))
 
 
-def onnx_session(path: Path, providers: list[str] | None = None) -> ort.InferenceSession:
+def onnx_session(path: Path, providers: list[str] | None = None,
+                 disabled_optimizers: tuple[str, ...] = ()) -> ort.InferenceSession:
     """A CPU session that computes what the graph says. ONNX Runtime's default optimizer fuses an INT4 blocked
     DequantizeLinear + MatMul into MatMulNBits with accuracy_level 4, which also quantizes the activations to
-    INT8 on the fly: a W4A8 kernel, not the W4A16 graph. Level 0 keeps the float activations."""
+    INT8 on the fly: a W4A8 kernel, not the W4A16 graph. Level 0 keeps the float activations.
+    `disabled_optimizers`: for graphs other tools made that trip an ONNX Runtime optimizer bug."""
     options = ort.SessionOptions()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
 
 
 def onnx_runner(path: Path) -> OnnxrtRunner:
