@@ -96,14 +96,18 @@ class CompletionServer(ThreadingHTTPServer):
         self.admission = threading.BoundedSemaphore(limits.max_pending)
         self.engine_lock = threading.Lock()
 
-    def complete(self, prompt: str, max_tokens: int, sampling: Sampling, on_token=None) -> dict:
-        tokenizer = self.engine.tokenizer
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    def encode(self, prompt: str, max_tokens: int) -> list[int]:
+        """Prompt ids, refused before any response starts (a stream cannot turn into a 400 once it has begun)."""
+        ids = self.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise BadRequest(400, "the prompt encodes to no tokens")
         if len(ids) + max_tokens > self.limits.max_seq_len:
             raise BadRequest(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the server's "
                                   f"max sequence of {self.limits.max_seq_len} tokens")
+        return ids
+
+    def complete(self, ids: list[int], max_tokens: int, sampling: Sampling, on_token=None) -> dict:
+        tokenizer = self.engine.tokenizer
         stops = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
         sampling = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed, stops)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -167,10 +171,11 @@ class CompletionHandler(BaseHTTPRequestHandler):
             return self._error(503, f"server busy: {self.server.limits.max_pending} requests already admitted; retry")
         try:
             prompt, max_tokens, sampling, stream = parse_request(self._read_json(), self.server.limits)
+            ids = self.server.encode(prompt, max_tokens)
             if stream:
-                self._stream(prompt, max_tokens, sampling)
+                self._stream(ids, max_tokens, sampling)
             else:
-                result = self.server.complete(prompt, max_tokens, sampling)
+                result = self.server.complete(ids, max_tokens, sampling)
                 self._send_json(200, self._completion(result["text"], result["finish_reason"], result["usage"]))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client left (e.g. stopped reading a stream): stop, nothing to send
@@ -197,7 +202,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
             payload["usage"] = usage
         return payload
 
-    def _stream(self, prompt: str, max_tokens: int, sampling: Sampling) -> None:
+    def _stream(self, ids: list[int], max_tokens: int, sampling: Sampling) -> None:
         """Server-sent events, one per token: the text a token adds (decoded over all tokens so far, so multi-byte
         characters split across tokens arrive whole), then a final event with finish_reason, then [DONE]."""
         tokenizer, tokens, sent = self.server.engine.tokenizer, [], [""]
@@ -218,7 +223,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
             delta, sent[0] = text[len(sent[0]):], text
             self._event(self._completion(delta, None))
 
-        result = self.server.complete(prompt, max_tokens, sampling, on_token)
+        result = self.server.complete(ids, max_tokens, sampling, on_token)
         self._event(self._completion(result["text"][len(sent[0]):], result["finish_reason"], result["usage"]))
         self.wfile.write(b"data: [DONE]\n\n")
 

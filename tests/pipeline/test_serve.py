@@ -81,6 +81,7 @@ def test_streamed_chunks_add_up_to_the_completion(server):
     ({"prompt": "x", "top_p": 0}, 400, "'top_p' = 0 is outside"),
     ({"prompt": "x", "stream": "yes"}, 400, "'stream' must be true or false"),
     ({"prompt": "word " * 60, "max_tokens": 20}, 400, "exceeds the server's max sequence of 64"),
+    ({"prompt": "word " * 60, "max_tokens": 20, "stream": True}, 400, "exceeds the server's max sequence of 64"),
 ])
 def test_bad_requests_get_4xx_with_the_reason(server, body, status, reason):
     got, payload = request(server, "POST", "/v1/completions", body)
