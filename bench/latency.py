@@ -71,7 +71,7 @@ def kernel_census(path: Path, disabled_optimizers: tuple[str, ...] = ()) -> dict
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                                    disabled_optimizers=list(disabled_optimizers))
-    shape = DecoderShape.from_inputs({i.name: i.shape for i in session.get_inputs()})
+    shape = DecoderShape.from_session(session)
     session.run(["logits"], shape.prefill_feed(np.arange(64)[None]))
     profile = Path(session.end_profiling())
     ops = collections.Counter(event["args"]["op_name"] for event in json.loads(profile.read_text())

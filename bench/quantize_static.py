@@ -14,7 +14,6 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 
 from exporters.decoder_io import DecoderShape
 from pipeline import verify
-from pipeline.runtime import OnnxDecoder
 
 QUANTIZED = "quantize_static.onnx"
 # ONNX Runtime 1.31 cannot create a session for quantize_static's MatMul-only output with its default optimizers:
@@ -46,13 +45,9 @@ def flush_every(windows: int) -> int | None:
 
 
 def quantize_static_model(reference: Path, windows, folder: Path) -> dict:
-    import onnx
-
     folder.mkdir(parents=True, exist_ok=True)
     output = folder / QUANTIZED
-    graph_inputs = onnx.load(str(reference), load_external_data=False).graph.input
-    shape = DecoderShape.from_inputs({i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
-                                      for i in graph_inputs})
+    shape = DecoderShape.from_onnx_file(reference)
     calibration = windows["calibration"]
     flush = flush_every(len(calibration))
     start = time.perf_counter()
@@ -61,19 +56,11 @@ def quantize_static_model(reference: Path, windows, folder: Path) -> dict:
                     op_types_to_quantize=["MatMul"],
                     extra_options={} if flush is None else {"CalibMaxIntermediateOutputs": flush})
     seconds = time.perf_counter() - start
+    accuracy = verify.compare_graphs(reference, output, windows["evaluation"], "reference vs quantize_static",
+                                     DISABLED_OPTIMIZERS)
     return {"path": str(output), "seconds_to_quantize": seconds, "calibration_windows": len(calibration),
-            "disabled_optimizers": list(DISABLED_OPTIMIZERS), "accuracy": accuracy(reference, output, windows["evaluation"])}
-
-
-def accuracy(reference: Path, candidate: Path, windows: np.ndarray) -> dict:
-    """Perplexity of both graphs and top-1 agreement, as the verify stage computes them."""
-    ref_ppl, cand_ppl, pair = verify.Perplexity(), verify.Perplexity(), verify.PairStats()
-    ref, cand = OnnxDecoder(reference), OnnxDecoder(candidate, disabled_optimizers=DISABLED_OPTIMIZERS)
-    for window in windows:
-        ref_logits, cand_logits = ref.prefill_logits(window[None, :]), cand.prefill_logits(window[None, :])
-        ref_ppl.add(ref_logits, window[None, :])
-        cand_ppl.add(cand_logits, window[None, :])
-        pair.add(ref_logits, cand_logits)
-    return {"perplexity_reference_fp32_onnx": ref_ppl.value(), "perplexity_quantized_fp32_onnx": cand_ppl.value(),
-            "perplexity_delta_percent": 100.0 * (cand_ppl.value() / ref_ppl.value() - 1.0),
-            "next_token_top1_agreement": pair.summary()["top1_agreement"]}
+            "disabled_optimizers": list(DISABLED_OPTIMIZERS),
+            "accuracy": {"perplexity_reference_fp32_onnx": accuracy["perplexity_reference"],
+                         "perplexity_quantized_fp32_onnx": accuracy["perplexity_candidate"],
+                         "perplexity_delta_percent": accuracy["perplexity_delta_percent"],
+                         "next_token_top1_agreement": accuracy["top1_agreement"]}}

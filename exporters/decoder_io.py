@@ -48,6 +48,20 @@ class DecoderShape:
         _, kv_heads, _, head_dim = shapes[past_name(0, "key")]
         return cls(layers, int(kv_heads), int(head_dim))
 
+    @classmethod
+    def from_session(cls, session) -> "DecoderShape":
+        """From an ONNX Runtime session's declared inputs."""
+        return cls.from_inputs({i.name: i.shape for i in session.get_inputs()})
+
+    @classmethod
+    def from_onnx_file(cls, path) -> "DecoderShape":
+        """From a graph file's declared inputs, without loading its weights."""
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+        return cls.from_inputs({i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
+                                for i in graph.input})
+
     @property
     def past_names(self) -> list[str]:
         return [past_name(i, kind) for i in range(self.layers) for kind in KV]

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from exporters import ExportError
+from exporters.decoder_io import DecoderShape
 from exporters.naming import SCOPE
 from exporters.qdq import add_initializer
 
@@ -67,14 +68,11 @@ def is_kv_cache_concat(node: ir.Node) -> bool:
             and node.outputs[0].dtype == ir.DataType.INT8)
 
 
-
 def observe_kv_absmax(session, windows: np.ndarray) -> dict[str, float]:
     """Absmax of every present output of an ONNX Runtime decoder session over calibration windows (prefill, no
     past). Observed on the Q/DQ graph itself: SmoothQuant folds o_proj's factors into V's rows, and quantized
     q/k/v projections shift K and V, so the float model's cache has other ranges."""
-    from exporters.decoder_io import DecoderShape
-
-    shape = DecoderShape.from_inputs({i.name: i.shape for i in session.get_inputs()})
+    shape = DecoderShape.from_session(session)
     absmax = dict.fromkeys(shape.present_names, 0.0)
     for window in windows:
         outputs = session.run(shape.present_names, shape.prefill_feed(window[None, :]))

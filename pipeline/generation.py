@@ -106,6 +106,15 @@ def generate_ids(engine, prompts: list[list[int]], max_new_tokens: int, sampling
     return produced
 
 
+def tokenizer_stops(tokenizer) -> tuple[int, ...]:
+    return () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+
+
+def tokenizer_pad(tokenizer) -> int:
+    """Left-padding id: the tokenizer's pad token, else 0 (padded slots are masked, so any valid id works)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 class TextGeneration:
     """`generate` for engines that have `step`, `new_cache` and a `tokenizer` (the one saved next to the engine)."""
 
@@ -119,11 +128,10 @@ class TextGeneration:
                                 "`python -m pipeline export`, which saves OUT/tokenizer/")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if stop_token_ids is None:
-            stop_token_ids = () if self.tokenizer.eos_token_id is None else (self.tokenizer.eos_token_id,)
+            stop_token_ids = tokenizer_stops(self.tokenizer)
         sampling = Sampling(temperature, top_k, top_p, seed, tuple(stop_token_ids))
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        produced = generate_ids(self, encoded, max_new_tokens, sampling, pad, on_token)
+        produced = generate_ids(self, encoded, max_new_tokens, sampling, tokenizer_pad(self.tokenizer), on_token)
         texts = [self.tokenizer.decode([t for t in tokens if t not in sampling.stop_token_ids])
                  for tokens in produced]
         return texts[0] if isinstance(prompt, str) else texts

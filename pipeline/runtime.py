@@ -90,9 +90,9 @@ class OnnxDecoder(TextGeneration):
             self.session = onnx_session(self.path, providers, disabled_optimizers)
         except Exception as e:  # ONNX Runtime raises its own exception types for unreadable models
             raise PipelineError(f"cannot load {self.path.name} in ONNX Runtime: {diagnose_onnx(self.path, e)}") from None
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.shape = DecoderShape.from_inputs({name: i.shape for name, i in inputs.items()})
-        self.kv_dtype = KV_DTYPES[inputs[self.shape.past_names[0]].type]
+        self.shape = DecoderShape.from_session(self.session)
+        past_type = next(i.type for i in self.session.get_inputs() if i.name == self.shape.past_names[0])
+        self.kv_dtype = KV_DTYPES[past_type]
         self.tokenizer = load_tokenizer(self.path.parent)
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from pipeline import PipelineError
-from pipeline.generation import Sampling, generate_ids
+from pipeline.generation import Sampling, generate_ids, tokenizer_pad, tokenizer_stops
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,10 @@ class CompletionServer(ThreadingHTTPServer):
 
     def complete(self, ids: list[int], max_tokens: int, sampling: Sampling, on_token=None) -> dict:
         tokenizer = self.engine.tokenizer
-        stops = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+        stops = tokenizer_stops(tokenizer)
         sampling = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed, stops)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         with self.engine_lock:
-            tokens = generate_ids(self.engine, [ids], max_tokens, sampling, pad, on_token)[0]
+            tokens = generate_ids(self.engine, [ids], max_tokens, sampling, tokenizer_pad(tokenizer), on_token)[0]
         stopped = bool(tokens) and tokens[-1] in stops
         text = tokenizer.decode(tokens[:-1] if stopped else tokens)
         return {"text": text, "finish_reason": "stop" if stopped else "length",

@@ -93,8 +93,8 @@ def onnx_session(path: Path, providers: list[str] | None = None,
                                 disabled_optimizers=list(disabled_optimizers))
 
 
-def onnx_runner(path: Path) -> OnnxrtRunner:
-    return OnnxrtRunner(lambda: onnx_session(path))
+def onnx_runner(path: Path, disabled_optimizers: tuple[str, ...] = ()) -> OnnxrtRunner:
+    return OnnxrtRunner(lambda: onnx_session(path, disabled_optimizers=disabled_optimizers))
 
 
 def window_feeder(runner: OnnxrtRunner):
@@ -137,10 +137,11 @@ def attention_path_noise_floor(model: torch.nn.Module, windows: np.ndarray) -> d
     return stats.summary()
 
 
-def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label: str) -> dict:
+def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label: str,
+                   candidate_disabled_optimizers: tuple[str, ...] = ()) -> dict:
     """Perplexity of both graphs and the candidate's agreement with the reference on the same windows."""
     ppl_ref, ppl_cand, pair = Perplexity(), Perplexity(), PairStats()
-    with onnx_runner(reference) as ref_runner, onnx_runner(candidate) as cand_runner:
+    with onnx_runner(reference) as ref_runner, onnx_runner(candidate, candidate_disabled_optimizers) as cand_runner:
         ref_feed, cand_feed = window_feeder(ref_runner), window_feeder(cand_runner)
         for window in tqdm(windows, desc=f"evaluating {label}", unit="window"):
             ref = ref_runner.infer(ref_feed(window))["logits"]

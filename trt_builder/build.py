@@ -7,7 +7,6 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import onnx
 
 from exporters.decoder_io import DecoderShape
 from trt_builder import BuildError
@@ -26,10 +25,8 @@ class BuildSettings:
 
 def graph_decoder_shape(onnx_path: Path) -> DecoderShape:
     """The decoder's KV layout from the graph's declared inputs (weights are not loaded)."""
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
     try:
-        return DecoderShape.from_inputs(dims)
+        return DecoderShape.from_onnx_file(onnx_path)
     except ValueError as e:
         raise BuildError(f"{onnx_path.name}: {e}") from None
 
