@@ -57,13 +57,31 @@ def weights_summary(plan: QuantPlan, asked_damp: float) -> dict:
     return summary
 
 
+TOLERANCE_METRICS = ("max_abs_error", "mean_abs_error", "cosine_min", "snr_db", "kl_mean", "kl_max", "top1_agreement")
+
+
+def tolerances(floors: dict) -> dict:
+    """Comparison tolerances, taken from the measured precision floors (pipeline.verify.precision_floors): a float
+    implementation may deviate from the FP32 reference as much as FP16 arithmetic does; a W8A8 one as much as the
+    same Q/DQ graph does between FP32 and FP16 arithmetic."""
+    return {kind: {k: floors[kind][k] for k in TOLERANCE_METRICS} for kind in ("float", "quantized")}
+
+
+def within(measured: dict, tolerance: dict) -> bool:
+    """Every error metric no worse than the tolerance's (an exact match has snr_db None: no error at all)."""
+    snr_ok = measured["snr_db"] is None or (tolerance["snr_db"] is not None and measured["snr_db"] >= tolerance["snr_db"])
+    return (snr_ok and measured["max_abs_error"] <= tolerance["max_abs_error"]
+            and measured["kl_mean"] <= tolerance["kl_mean"] and measured["cosine_min"] >= tolerance["cosine_min"])
+
+
 def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: dict, reference_vs_torch: dict,
-                 quantized_vs_sim: dict, fp16_graph: dict, tuning: dict, generation: dict) -> dict:
+                 quantized_vs_sim: dict, floors: dict, tuning: dict, generation: dict) -> dict:
     weight_only = not config.quant.recipe.int8_activations
     stages = manifest.get("stages", {})
     calib = stages.get("calibrate", {})
     build = stages.get("build", {"status": "not run"})
     quantized = plan.quantized()
+    limits = tolerances(floors)
     return {
         "model": config.model,
         "scheme": config.quant.scheme,
@@ -89,9 +107,17 @@ def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: d
             "logits_cosine_mean": accuracy["cosine_mean"],
             "logits_cosine_min": accuracy["cosine_min"],
             "logits_max_abs_error": accuracy["max_abs_error"],
+            "logits_mean_abs_error": accuracy["mean_abs_error"],
+            "logits_snr_db": accuracy["snr_db"],
+            "next_token_top5_agreement": accuracy["top5_agreement"],
+            "next_token_kl_mean": accuracy["kl_mean"],
+            "next_token_kl_max": accuracy["kl_max"],
         },
+        "precision_floors": {"float": floors["float"], "quantized": floors["quantized"]},
+        "tolerances": limits,
         "export_faithfulness": {
             "reference_onnx_vs_pytorch_fp32": reference_vs_torch,
+            "reference_within_float_tolerance": within(reference_vs_torch, limits["float"]),
             "quantized_onnx_vs_pytorch_fake_quant": quantized_vs_sim,
             "threshold_cosine": FAITHFUL_COSINE_WEIGHT_ONLY if weight_only else FAITHFUL_COSINE,
             "noise_floor_allowance": not weight_only,
@@ -99,128 +125,13 @@ def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: d
             # rounding, so no verdict on the export is possible from it.
             "faithful": None if config.export.kv_cache_int8 else faithful(quantized_vs_sim, weight_only),
         },
-        "tensorrt_fp16_graph_on_onnxruntime": fp16_graph,
+        "tensorrt_fp16_graph_on_onnxruntime": floors["fp16_qdq_vs_reference"],
         "generation": generation,
         "tensorrt_plan": build,
         "not_verified": [] if build.get("status") == "done" else [
             "TensorRT engine: no plan was built here, so nothing ran in TensorRT ("
             + build.get("reason", build.get("status", "")) + ")"],
     }
-
-
-def render_markdown(r: dict) -> str:
-    a, f, h = r["accuracy"], r["export_faithfulness"], r["tensorrt_fp16_graph_on_onnxruntime"]
-    plan = r["tensorrt_plan"]
-    lines = [
-        f"# smoothtrt report: {r['model']}",
-        "",
-        f"Recipe: {r['recipe']}; SmoothQuant {'on, alpha ' + str(r['alpha']) if r['smoothing'] else 'off'}; "
-        f"{r['modules']['quantized']} linears quantized, {r['modules']['skipped']} skipped, "
-        f"{r['modules']['float']} modules float; KV cache {r['kv_cache']}"
-        f"{' (per-tensor scales, past/present INT8)' if r['kv_cache'] == 'int8' else ''}.",
-        "",
-        _tuning_line(r["tuning"]),
-        "",
-        _weights_line(r["weights"]),
-        "",
-        f"Calibration: {r['calibration']['origin']} ({r['calibration']['windows']} x {r['calibration']['seq_len']} "
-        f"tokens, sha256 {str(r['calibration']['windows_sha256'])[:16]}).",
-        f"Evaluation: {r['evaluation']['origin']} ({r['evaluation']['predicted_tokens']} predicted tokens).",
-        "",
-        f"## Accuracy ({a['runtime']})",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-        f"| perplexity, reference FP32 ONNX | {a['perplexity_reference_fp32_onnx']:.4f} |",
-        f"| perplexity, Q/DQ FP32 ONNX | {a['perplexity_quantized_fp32_onnx']:.4f} |",
-        f"| perplexity delta | {a['perplexity_delta_percent']:+.2f}% |",
-        f"| next-token top-1 agreement (teacher-forced) | {100 * a['next_token_top1_agreement']:.2f}% |",
-        f"| logits cosine, mean / min over windows | {a['logits_cosine_mean']:.5f} / {a['logits_cosine_min']:.5f} |",
-        f"| logits max abs error | {a['logits_max_abs_error']:.4f} |",
-        "",
-        "## Export faithfulness",
-        "",
-        "| comparison | windows | cosine min | max abs error | top-1 agreement |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for label, key in (("reference ONNX vs PyTorch FP32", "reference_onnx_vs_pytorch_fp32"),
-                       ("Q/DQ ONNX vs PyTorch fake-quant", "quantized_onnx_vs_pytorch_fake_quant")):
-        s = f[key]
-        lines.append(f"| {label} | {s['windows']} | {s['cosine_min']:.6f} | {s['max_abs_error']:.4g} | "
-                     f"{100 * s['top1_agreement']:.2f}% |")
-    floor = f["quantized_onnx_vs_pytorch_fake_quant"]["noise_floor"]
-    lines.append(f"| noise floor: PyTorch fake-quant, SDPA vs eager attention | {floor['windows']} | "
-                 f"{floor['cosine_min']:.6f} | {floor['max_abs_error']:.4g} | {100 * floor['top1_agreement']:.2f}% |")
-    lines += [
-        "",
-        f"Faithful (cosine min >= {f['threshold_cosine']}"
-        f"{', or mean deviation within twice the noise floor' if f['noise_floor_allowance'] else ''}): "
-        f"{FAITHFUL_WORDS[f['faithful']]}.",
-        "",
-        "## FP16 Q/DQ graph (the one TensorRT builds), run in ONNX Runtime CPU",
-        "",
-        f"{h['windows']} windows: perplexity {h['perplexity_candidate']:.4f} vs reference "
-        f"{h['perplexity_reference']:.4f} ({h['perplexity_delta_percent']:+.2f}%), top-1 agreement "
-        f"{100 * h['top1_agreement']:.2f}%, cosine min {h['cosine_min']:.5f}.",
-        "",
-        *_generation_lines(r["generation"]),
-        "## TensorRT plan",
-        "",
-        f"Status: {plan.get('status')}" + (f" ({plan['reason']})" if plan.get("reason") else "") + ".",
-    ]
-    if r["not_verified"]:
-        lines += ["", "## Not verified", ""] + [f"- {item}" for item in r["not_verified"]]
-    return "\n".join(lines) + "\n"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _generation_lines(g: dict) -> list[str]:
-    exact, q = g["reference_onnx_vs_pytorch_generate"], g["quantized_vs_reference_onnx"]
-    lines = [
-        f"## Greedy generation with KV cache ({g['new_tokens']} new tokens, {exact['prompts']} prompts, ONNX Runtime)",
-        "",
-        f"Reference FP32 ONNX vs PyTorch generate(): {exact['identical']}/{exact['prompts']} prompts identical, "
-        f"token agreement {100 * exact['token_agreement']:.1f}%.",
-        f"Q/DQ ONNX vs reference ONNX: {q['identical']}/{q['prompts']} prompts identical, token agreement "
-        f"{100 * q['token_agreement']:.1f}%, common prefix {q['common_prefix_lengths']} tokens "
-        f"(mean {q['mean_common_prefix']:.1f}).",
-        "",
-        "| prompt | reference | Q/DQ |",
-        "| --- | --- | --- |",
-    ]
-    lines += [f"| {_cell(s['prompt'])} | {_cell(s['reference'])} | {_cell(s['quantized'])} |" for s in g["samples"]]
-    return lines + [""]
-
-
-def _weights_line(w: dict) -> str:
-    line = (f"Weights: {'/'.join(w['methods'])}, {'/'.join(map(str, w['bits']))} bits, "
-            f"group size {'/'.join(map(str, w['group_sizes']))} input columns.")
-    if "output_error_mean" in w:
-        line += (f" GPTQ layer output error (||W X_f - Q X||^2/||W X_f||^2 on the calibration rows, X_f the float "
-                 f"model's input) mean "
-                 f"{w['output_error_mean']:.3g} vs RTN {w['rtn_output_error_mean']:.3g}; lower than RTN on "
-                 f"{w['linears_better_than_rtn']}/{w['linears_measured']} linears; damping raised on "
-                 f"{len(w['damping_raised'])}.")
-    return line
-
-
-def _tuning_line(t: dict) -> str:
-    if t["alpha_mode"] == "none":
-        return "Activations: float (weight-only recipe): no smoothing, no activation ranges."
-    line = f"Tuning: alpha {t['alpha_mode']}"
-    if t["alpha_min"] is not None:
-        line += f" (per module {t['alpha_min']:.2f}..{t['alpha_max']:.2f}, mean {t['alpha_mean']:.3f})"
-    line += f"; activation ranges: {t['range_estimator']}."
-    b = t.get("accuracy_budget")
-    if b:
-        line += (f" Accuracy budget {b['budget_percent']}% of holdout perplexity: {len(b['kept_float'])} activation "
-                 f"groups kept float ({', '.join(b['kept_float']) or 'none'}); holdout perplexity "
-                 f"{b['all_quantized_perplexity']:.4f} -> {b['final_perplexity']:.4f} vs float "
-                 f"{b['reference_perplexity']:.4f}" + ("" if b.get("met", True) else " (budget NOT met)") + ".")
-    return line
 
 
 def print_plan(plan: QuantPlan) -> None:

@@ -27,7 +27,7 @@ from exporters.gptq_checkpoint import quantization_config, write_checkpoint
 from exporters.lint import check_onnx_file, lint_or_raise
 from exporters.onnx_export import export_model
 from exporters.qdq import LinearQuantization, grouped_linear, insert_qdq, module_node_map
-from pipeline import PipelineError, models, report, tuning, verify
+from pipeline import PipelineError, models, report, report_files, tuning, verify
 from pipeline.budget import fit_budget
 from pipeline.artifacts import (StageRecords, atomic_folder, atomic_path, prepare_out, read_json, scratch_folder,
                                 versions, write_json)
@@ -44,6 +44,7 @@ FACTORS = "smoothing_factors.safetensors"
 WEIGHTS = "quantized_weights.safetensors"  # integer codes + scales of every quantized linear
 PLAN = "quant_plan.json"
 REFERENCE = "reference.onnx"
+REFERENCE_FP16 = "reference.fp16.onnx"  # the float floor: what FP16 arithmetic alone changes
 QUANTIZED = "quantized.onnx"  # FP32 graph + INT8 Q/DQ, for ONNX Runtime on CPU
 QUANTIZED_FP16 = "quantized.fp16.onnx"  # FP16 graph + INT8 Q/DQ with FP16 scales, for TensorRT
 MODULE_MAP = "module_map.json"
@@ -52,9 +53,13 @@ ENGINE = "model.plan"
 ALPHA_CHOICE = "alpha_choice.json"
 BUDGET = "accuracy_budget.json"
 KV_SCALES = "kv_cache_scales.json"
+VERIFICATION = "verification.json"  # everything verify measured; the report adds analysis of saved artifacts
+LAYERWISE = "layerwise.json"
+LAYERWISE_CHANNELS = "layerwise_channels.npz"  # per-module channel absmax before/after smoothing
 KV_CALIBRATION_WINDOWS = 8
 FAITHFULNESS_WINDOWS = 4
 FP16_GRAPH_WINDOWS = 2
+LAYERWISE_WINDOWS = 2
 
 
 class Run:
@@ -228,12 +233,13 @@ def export(run: Run) -> None:
     with atomic_folder(run.path(TOKENIZER)) as tmp:  # a service loading OUT needs nothing else
         tokenizer.save_pretrained(tmp)
     names = list(quantizable_linears(model, spec))
-    log.info("export: reference FP32 decoder graph (KV cache)")
-    save_onnx(export_model(model, torch.float32, cfg.opset, names), run.path(REFERENCE), cfg.external_data_threshold)
+    for dtype, name in ((torch.float32, REFERENCE), (torch.float16, REFERENCE_FP16)):
+        log.info("export: %s (reference %s decoder graph with KV cache)", name, dtype)
+        save_onnx(export_model(model, dtype, cfg.opset, names), run.path(name), cfg.external_data_threshold)
     del model
     model, _ = smoothed_model(run)
     linears = linear_quantizations(plan, load_quantized(run.path(WEIGHTS)))
-    outputs = [REFERENCE] + [f"{TOKENIZER}/{p.name}" for p in sorted(run.path(TOKENIZER).iterdir())]
+    outputs = [REFERENCE, REFERENCE_FP16] + [f"{TOKENIZER}/{p.name}" for p in sorted(run.path(TOKENIZER).iterdir())]
     kv_scales_found = None
     for dtype, scale_dtype, name in ((torch.float32, np.float32, QUANTIZED), (torch.float16, np.float16, QUANTIZED_FP16)):
         log.info("export: %s (%s graph, %d quantized linears)", name, dtype, len(linears))
@@ -299,11 +305,26 @@ def generation_check(run: Run, model, tokenizer) -> dict:
                         for text, r, q in zip(verify.GENERATION_PROMPTS, reference, quantized)]}
 
 
+def layerwise_check(run: Run, model, plan: QuantPlan, windows: np.ndarray) -> dict:
+    """Layer-wise diff of reference and Q/DQ graphs (`model`: the smoothed float model), saved in OUT."""
+    from pipeline.layerwise import layerwise_diff
+
+    float_weights = {m.name: model.get_submodule(m.name).weight.detach().T.contiguous().numpy()
+                     for m in plan.quantized()}
+    factors = {k: v.numpy() for k, v in load_file(str(run.path(FACTORS))).items() if k in float_weights}
+    result, channels = layerwise_diff(run.path(REFERENCE), run.path(QUANTIZED), windows, float_weights, factors)
+    with atomic_path(run.path(LAYERWISE_CHANNELS)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **channels)
+    write_json(run.path(LAYERWISE), result)
+    return result
+
+
 def verify_stage(run: Run) -> dict:
     key = digest("verify", run.records.key("export"), run.records.details("calibrate"),
                  read_json(run.path("manifest.json"))["stages"].get("build"))
     if _up_to_date(run, "verify", key):
-        return read_json(run.path("report.json"))
+        return read_json(run.path(VERIFICATION))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
     evaluation = np.load(run.path(WINDOWS))["evaluation"]
     model, tokenizer, _ = run.model()
@@ -312,25 +333,24 @@ def verify_stage(run: Run) -> dict:
     generation = generation_check(run, model, tokenizer)
     del model
     accuracy = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED), evaluation, "reference vs Q/DQ ONNX")
+    floors = verify.precision_floors(run.path(REFERENCE), run.path(REFERENCE_FP16), run.path(QUANTIZED),
+                                     run.path(QUANTIZED_FP16), evaluation[:FP16_GRAPH_WINDOWS])
     model, _ = smoothed_model(run)
+    layerwise_check(run, model, plan, evaluation[:LAYERWISE_WINDOWS])
     dequantized = {name: q.dequantize() for name, q in load_quantized(run.path(WEIGHTS)).items()}
     with fake_quantized(model, plan, dequantized):
         quantized_vs_sim = verify.compare_with_torch(run.path(QUANTIZED), model, evaluation[:FAITHFULNESS_WINDOWS],
                                                      "Q/DQ ONNX vs PyTorch fake-quant")
         quantized_vs_sim["noise_floor"] = verify.attention_path_noise_floor(model, evaluation[:FAITHFULNESS_WINDOWS])
-    fp16_graph = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED_FP16), evaluation[:FP16_GRAPH_WINDOWS],
-                                       "reference vs FP16 Q/DQ ONNX (TensorRT graph)")
     manifest = read_json(run.path("manifest.json"))
     budget = read_json(run.path(BUDGET)) if run.config.quant.accuracy_budget is not None else None
     tuning_summary = report.tuning_summary(plan, read_json(run.path(ALPHA_CHOICE)), budget)
-    result = report.build_report(run.config, manifest, plan, accuracy, reference_vs_torch, quantized_vs_sim, fp16_graph,
+    result = report.build_report(run.config, manifest, plan, accuracy, reference_vs_torch, quantized_vs_sim, floors,
                                  tuning_summary, generation)
-    write_json(run.path("report.json"), result)
-    with atomic_path(run.path("report.md")) as tmp:
-        tmp.write_text(report.render_markdown(result))
-    run.records.complete("verify", key, ["report.json", "report.md"])
+    write_json(run.path(VERIFICATION), result)
+    run.records.complete("verify", key, [VERIFICATION, LAYERWISE, LAYERWISE_CHANNELS])
     run.update_manifest("verify", "done", perplexity_delta_percent=accuracy["perplexity_delta_percent"])
-    report.print_headline(result, run.path("report.md"))
+    report.print_headline(result, report_files.write_reports(run.out))
     return result
 
 

@@ -14,7 +14,7 @@ from calibration.quant import fake_quantized
 from calibration.recipe import Recipe, smooth_and_plan
 from calibration.smoothing import uniform_alpha
 from pipeline.config import QuantConfig
-from pipeline.verify import Perplexity
+from pipeline.metrics import Perplexity
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ compared with each other (accuracy) and with PyTorch (export faithfulness)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,70 +14,9 @@ from polygraphy.datatype import DataType
 from tqdm import tqdm
 
 from exporters.decoder_io import DecoderShape
+from pipeline.metrics import PairStats, Perplexity
 
 log = logging.getLogger(__name__)
-
-
-def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
-    """Sum and count of -log p(token t+1 | tokens <= t) over a [batch, seq] window (float64 log-softmax)."""
-    logp = torch.log_softmax(torch.from_numpy(logits[:, :-1]).double(), dim=-1)
-    target = torch.from_numpy(ids[:, 1:]).long()
-    nll = -logp.gather(-1, target[..., None]).squeeze(-1)
-    return float(nll.sum()), nll.numel()
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over positions of the cosine between two logit vectors."""
-    a64 = a.reshape(-1, a.shape[-1]).astype(np.float64)
-    b64 = b.reshape(-1, b.shape[-1]).astype(np.float64)
-    num = (a64 * b64).sum(-1)
-    den = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
-    return float(np.mean(num / np.maximum(den, 1e-30)))
-
-
-def top1_matches(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
-    ta, tb = a.argmax(-1), b.argmax(-1)
-    return int((ta == tb).sum()), ta.size
-
-
-@dataclass
-class PairStats:
-    """Streaming comparison of a candidate's logits against a baseline's."""
-
-    cosines: list[float] = field(default_factory=list)
-    max_abs: float = 0.0
-    top1_same: int = 0
-    positions: int = 0
-
-    def add(self, baseline: np.ndarray, candidate: np.ndarray) -> None:
-        self.cosines.append(cosine(baseline, candidate))
-        self.max_abs = max(self.max_abs, float(np.abs(baseline.astype(np.float32) - candidate.astype(np.float32)).max()))
-        same, n = top1_matches(baseline, candidate)
-        self.top1_same += same
-        self.positions += n
-
-    def summary(self) -> dict:
-        return {
-            "windows": len(self.cosines),
-            "cosine_mean": float(np.mean(self.cosines)),
-            "cosine_min": float(np.min(self.cosines)),
-            "max_abs_error": self.max_abs,
-            "top1_agreement": self.top1_same / max(self.positions, 1),
-        }
-
-
-@dataclass
-class Perplexity:
-    nll: float = 0.0
-    count: int = 0
-
-    def add(self, logits: np.ndarray, ids: np.ndarray) -> None:
-        s, n = next_token_nll(logits, ids)
-        self.nll += s
-        self.count += n
-
-    def value(self) -> float:
-        return float(np.exp(self.nll / self.count))
 
 
 def onnx_session(path: Path, providers: list[str] | None = None,
@@ -137,18 +75,22 @@ def attention_path_noise_floor(model: torch.nn.Module, windows: np.ndarray) -> d
     return stats.summary()
 
 
-def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label: str,
-                   candidate_disabled_optimizers: tuple[str, ...] = ()) -> dict:
-    """Perplexity of both graphs and the candidate's agreement with the reference on the same windows."""
+def graph_logits(path: Path, windows: np.ndarray, label: str | None = None,
+                 disabled_optimizers: tuple[str, ...] = ()):
+    """Teacher-forced logits of the graph on each window, as float32 (progress shown when labelled)."""
+    with onnx_runner(path, disabled_optimizers) as runner:
+        feed = window_feeder(runner)
+        for window in tqdm(windows, desc=label, unit="window", disable=label is None):
+            yield runner.infer(feed(window))["logits"].astype(np.float32)
+
+
+def pair_metrics(windows: np.ndarray, reference_logits, candidate_logits) -> dict:
+    """Perplexity of both and every PairStats metric of the candidate against the reference."""
     ppl_ref, ppl_cand, pair = Perplexity(), Perplexity(), PairStats()
-    with onnx_runner(reference) as ref_runner, onnx_runner(candidate, candidate_disabled_optimizers) as cand_runner:
-        ref_feed, cand_feed = window_feeder(ref_runner), window_feeder(cand_runner)
-        for window in tqdm(windows, desc=f"evaluating {label}", unit="window"):
-            ref = ref_runner.infer(ref_feed(window))["logits"]
-            cand = cand_runner.infer(cand_feed(window))["logits"].astype(np.float32)
-            ppl_ref.add(ref, window[None, :])
-            ppl_cand.add(cand, window[None, :])
-            pair.add(ref, cand)
+    for window, ref, cand in zip(windows, reference_logits, candidate_logits):
+        ppl_ref.add(ref, window[None, :])
+        ppl_cand.add(cand, window[None, :])
+        pair.add(ref, cand)
     ref_ppl, cand_ppl = ppl_ref.value(), ppl_cand.value()
     return {
         "perplexity_reference": ref_ppl,
@@ -157,6 +99,29 @@ def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label:
         "predicted_tokens": ppl_ref.count,
         **pair.summary(),
     }
+
+
+def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label: str,
+                   candidate_disabled_optimizers: tuple[str, ...] = ()) -> dict:
+    """The candidate against the reference on the same windows, one window at a time (no logits kept)."""
+    return pair_metrics(windows, graph_logits(reference, windows, label),
+                        graph_logits(candidate, windows, None, candidate_disabled_optimizers))
+
+
+def precision_floors(reference: Path, reference_fp16: Path, quantized: Path, quantized_fp16: Path,
+                     windows: np.ndarray) -> dict:
+    """What arithmetic precision alone changes, measured rather than assumed:
+    - float: the FP16 reference against the FP32 reference. A float implementation (the exported graph against
+      PyTorch, a TensorRT FP16 plan against ONNX Runtime) is within tolerance when it deviates no more.
+    - quantized: the FP16 Q/DQ graph against the FP32 Q/DQ graph. A W8A8 graph is discontinuous (a rounding at a
+      Q node flips for a tiny input change), so the same recipe at another precision moves much further than the
+      float floor; an INT8 TensorRT plan is held to this spread, not to the float one.
+    - fp16_qdq_vs_reference: the graph TensorRT builds, against the FP32 reference."""
+    logits = {p: list(graph_logits(p, windows, f"{p.name} (precision floors)"))
+              for p in (reference, reference_fp16, quantized, quantized_fp16)}
+    return {"float": pair_metrics(windows, logits[reference], logits[reference_fp16]),
+            "quantized": pair_metrics(windows, logits[quantized], logits[quantized_fp16]),
+            "fp16_qdq_vs_reference": pair_metrics(windows, logits[reference], logits[quantized_fp16])}
 
 
 # Greedy generation through the KV-cache graphs (the loop production services run), on fixed varied prompts.

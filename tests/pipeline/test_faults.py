@@ -95,7 +95,7 @@ def test_ctrl_c_during_export_leaves_no_partial_file_and_the_next_run_resumes(tm
     out, argv = quantized_run(tmp_path, tiny_model_dir, corpus)
     proc = cli_process("engine", *argv)
     for line in proc.stderr:
-        if "export: reference FP32" in line:
+        if "export: reference.onnx" in line:
             proc.send_signal(signal.SIGINT)
             break
     stderr = proc.communicate(timeout=300)[1]

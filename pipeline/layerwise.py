@@ -1,0 +1,141 @@
+"""Layer-wise diff of the reference and Q/DQ graphs: where quantization error enters and where it grows, keyed by
+PyTorch module name.
+
+Both graphs run in ONNX Runtime (Polygraphy OnnxrtRunner) on the same evaluation windows with chosen tensors
+marked as outputs (exporters/probes.py). Per quantized GEMM two numbers:
+- local SNR: the GEMM's own output y_q against the float GEMM on the same input, x' W' (x' the input the Q node
+  reads, W' the smoothed float weight). Upstream error is in both sides, so this is the error this GEMM adds
+  (activation rounding and clipping, weight rounding): where error enters.
+- output SNR: y_q against the reference graph's output of the same module, upstream error included: how much
+  error has accumulated there. Smoothing divides a producer's output rows (v_proj, up_proj) by its factor, so
+  those outputs are multiplied back before comparing.
+Per decoder block: the residual stream's SNR against the reference, and its drop from the previous block (where
+error grows).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from tqdm import tqdm
+
+from exporters.probes import Probes, find_probes, gemm_weight, layer_of, with_outputs
+from pipeline.metrics import snr_db
+
+# A GEMM adds a "large" error when its local error power is 100x (20 dB) the median GEMM's of the same run:
+# ordinary INT8 rounding differs between GEMMs by a few dB; a wrong scale or weight costs tens of dB.
+LARGE_ERROR_DB = 20.0
+
+
+@dataclass
+class TensorError:
+    """Streaming error power and cosine of a candidate tensor against a baseline."""
+
+    signal: float = 0.0
+    error: float = 0.0
+    dot: float = 0.0
+    candidate: float = 0.0
+
+    def add(self, baseline: np.ndarray, candidate: np.ndarray) -> None:
+        b, c = baseline.astype(np.float64).ravel(), candidate.astype(np.float64).ravel()
+        self.signal += float(b @ b)
+        self.error += float((c - b) @ (c - b))
+        self.dot += float(b @ c)
+        self.candidate += float(c @ c)
+
+    def snr_db(self) -> float | None:
+        return snr_db(self.signal, self.error)
+
+    def cosine(self) -> float:
+        return self.dot / max(np.sqrt(self.signal * self.candidate), 1e-300)
+
+
+def _marked_copy(path: Path, modules: list[str], folder: Path) -> tuple[Path, Probes, dict[str, np.ndarray]]:
+    """A copy of the graph in `folder` with the probes of `modules` marked as outputs; and their weights."""
+    model = ir.load(path)
+    probes = find_probes(model, modules)
+    weights = {m: gemm_weight(model, m) for m in modules}
+    with_outputs(model, probes.names())
+    folder.mkdir()
+    target = folder / path.name
+    ir.save(model, target, external_data=path.name + ".data")
+    return target, probes, weights
+
+
+def clipped_fraction(x: np.ndarray, scale: float) -> float:
+    """Share of the values a symmetric INT8 quantizer with this scale saturates (|x / scale| beyond 127.5)."""
+    return float((np.abs(x / scale) > 127.5).mean())
+
+
+def channel_absmax(x: np.ndarray) -> np.ndarray:
+    return np.abs(x.reshape(-1, x.shape[-1])).max(0).astype(np.float32)
+
+
+def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_weights: dict[str, np.ndarray],
+                   output_factors: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+    """float_weights: each quantized module's smoothed float weight in MatMul layout [in, out];
+    output_factors: the smoothing factor dividing a producer module's output rows (absent for the others).
+
+    Returns the per-GEMM and per-block errors, and per module the input-channel absmax of its activation and
+    weight in the reference graph ("before") and in the Q/DQ graph ("after": smoothed; weights dequantized),
+    measured on the same windows, for the outlier analysis."""
+    from pipeline.verify import onnx_runner, window_feeder
+
+    modules = list(float_weights)
+    local = {m: TensorError() for m in modules}
+    accumulated = {m: TensorError() for m in modules}
+    clipped = {m: [] for m in modules}
+    channels: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_path, ref_probes, ref_weights = _marked_copy(reference, modules, Path(tmp) / "reference")
+        q_path, q_probes, q_weights = _marked_copy(quantized, modules, Path(tmp) / "quantized")
+        for m in modules:
+            channels[f"{m}/weight_before"] = np.abs(ref_weights[m]).max(1)
+            channels[f"{m}/weight_after"] = np.abs(q_weights[m]).max(1)
+        blocks = {layer: TensorError() for layer in q_probes.block_outputs}
+        with onnx_runner(ref_path) as ref_runner, onnx_runner(q_path) as q_runner:
+            ref_feed, q_feed = window_feeder(ref_runner), window_feeder(q_runner)
+            for window in tqdm(windows, desc="layer-wise diff", unit="window"):
+                ref, got = ref_runner.infer(ref_feed(window)), q_runner.infer(q_feed(window))
+                for m in q_probes.gemm_outputs:
+                    y_q, x = got[q_probes.gemm_outputs[m]], got[q_probes.gemm_inputs[m]]
+                    factor = output_factors.get(m)
+                    accumulated[m].add(ref[ref_probes.gemm_outputs[m]], y_q * factor if factor is not None else y_q)
+                    local[m].add(x.astype(np.float32) @ float_weights[m], y_q)
+                    if m in q_probes.input_scales:
+                        clipped[m].append(clipped_fraction(x, q_probes.input_scales[m]))
+                    for key, value in ((f"{m}/activation_before", ref[ref_probes.gemm_inputs[m]]),
+                                       (f"{m}/activation_after", x)):
+                        channels[key] = np.maximum(channels.get(key, 0.0), channel_absmax(value))
+                for layer, error in blocks.items():
+                    error.add(ref[ref_probes.block_outputs[layer]], got[q_probes.block_outputs[layer]])
+    gemms = [{"module": m, "layer": layer_of(m), "local_snr_db": local[m].snr_db(),
+              "output_snr_db": accumulated[m].snr_db(), "output_cosine": float(accumulated[m].cosine()),
+              "input_clipped_fraction": float(np.mean(clipped[m])) if clipped[m] else None}
+             for m in q_probes.gemm_outputs]
+    return {"windows": len(windows), "gemms": gemms, "blocks": block_rows(blocks), **findings(gemms)}, channels
+
+
+def block_rows(blocks: dict[str, TensorError]) -> list[dict]:
+    rows, previous = [], None
+    for layer, error in blocks.items():
+        snr = error.snr_db()
+        drop = None if snr is None or previous is None else previous - snr
+        rows.append({"layer": layer, "snr_db": snr, "cosine": float(error.cosine()), "snr_drop_db": drop})
+        previous = snr if snr is not None else previous
+    return rows
+
+
+def findings(gemms: list[dict]) -> dict:
+    """The first GEMM (in execution order) whose local error is large, the worst local GEMM, and the threshold."""
+    measured = [g for g in gemms if g["local_snr_db"] is not None]
+    if not measured:
+        return {"large_error_threshold_db": None, "first_large_error": None, "worst_local_error": None}
+    threshold = float(np.median([g["local_snr_db"] for g in measured])) - LARGE_ERROR_DB
+    first = next((g["module"] for g in measured if g["local_snr_db"] < threshold), None)
+    worst = min(measured, key=lambda g: g["local_snr_db"])["module"]
+    return {"large_error_threshold_db": threshold, "first_large_error": first, "worst_local_error": worst}
