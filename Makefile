@@ -17,14 +17,17 @@ MAX_INPUT_LEN ?= 512
 MAX_SEQ_LEN   ?= 1024
 PORT          ?= 8000
 KV_INT8       ?=
+SKIP_FILE     ?=
+BISECT        ?=
 # serve/triton read an existing OUT; its default is the engine's (build/<model name>).
 ENGINE_DIR = $(or $(OUT),build/$(basename $(notdir $(MODEL))))
 ARGS = --model $(MODEL) --calib $(CALIB) --quant $(QUANT) --group-size $(GROUP_SIZE) --alpha $(ALPHA) --range-estimator $(RANGE) \
        --calib-windows $(CALIB_WINDOWS) --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN) \
        --max-batch $(MAX_BATCH) --max-input-len $(MAX_INPUT_LEN) --max-seq-len $(MAX_SEQ_LEN) \
-       $(if $(filter 1,$(KV_INT8)),--kv-cache-int8) $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET))
+       $(if $(filter 1,$(KV_INT8)),--kv-cache-int8) $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET)) \
+       $(if $(SKIP_FILE),--skip-file $(SKIP_FILE))
 
-.PHONY: setup engine calibrate quantize export build verify serve triton bench test
+.PHONY: setup engine calibrate quantize export build verify report serve triton bench test
 setup:
 	python3 -m venv .venv
 	.venv/bin/pip install -q torch==2.13.0
@@ -40,6 +43,10 @@ engine:
 
 calibrate quantize export build verify:
 	$(PY) -m pipeline $@ $(ARGS)
+
+# Reports from what OUT holds (BISECT=ppl:1.5 or kl:0.02 also writes OUT/float_modules.txt for SKIP_FILE).
+report:
+	$(PY) -m pipeline report --out $(ENGINE_DIR) $(if $(BISECT),--bisect $(BISECT))
 
 serve:
 	$(PY) -m pipeline serve --engine $(ENGINE_DIR) --port $(PORT) --max-seq-len $(MAX_SEQ_LEN)

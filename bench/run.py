@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
               "pipeline": runs[recipes[0]]["stages"]}
     print("bench: plain forwards, statistics and ONNX Runtime evaluation", flush=True)
     result["costs"] = forward_costs(args, main_out)
+    print("bench: report from saved artifacts", flush=True)
+    result["report"] = timed_process(["-m", "pipeline", "report", "--out", str(main_out)])
     print("bench: ONNX Runtime quantize_static on the same reference and calibration windows", flush=True)
     static = quantize_static_model(main_out / "reference.onnx", np.load(main_out / "windows.npz"), root / "quantize_static")
     result["quantize_static"] = static

@@ -88,10 +88,12 @@ class DecoderShape:
     def kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
         return (batch, self.kv_heads, length, self.head_dim)
 
-    def prefill_feed(self, input_ids: np.ndarray, dtype=np.float32) -> dict[str, np.ndarray]:
-        """Inputs for a whole unpadded window with no past: the logits-only use of the graph (verification)."""
+    def prefill_feed(self, input_ids: np.ndarray, dtype=np.float32, reserved_slots: int = 0) -> dict[str, np.ndarray]:
+        """Inputs for a whole unpadded window with no past: the logits-only use of the graph (verification).
+        `reserved_slots`: that many masked, empty past slots first (what a TensorRT plan's prefill profile needs)."""
         ids = np.asarray(input_ids, dtype=np.int64)
-        empty = np.zeros(self.kv_shape(ids.shape[0], 0), dtype=dtype)
+        empty = np.zeros(self.kv_shape(ids.shape[0], reserved_slots), dtype=dtype)
         positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
-        return {IDS: ids, MASK: np.ones_like(ids), POSITIONS: np.ascontiguousarray(positions),
+        mask = np.concatenate([np.zeros((ids.shape[0], reserved_slots), np.int64), np.ones_like(ids)], axis=1)
+        return {IDS: ids, MASK: mask, POSITIONS: np.ascontiguousarray(positions),
                 **{name: empty for name in self.past_names}}

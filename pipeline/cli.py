@@ -25,6 +25,8 @@ HELP = {
     "verify": "ONNX Runtime vs PyTorch and reference vs Q/DQ on evaluation windows; report.json/report.md",
     "engine": "all stages in order, resuming from what OUT already holds",
     "triton": "a Triton Inference Server model repository (config.pbtxt + model) from an OUT folder",
+    "report": "report.json/.md/.html from the artifacts in OUT (no recalibration); --bisect finds the fewest linears "
+              "to keep float for an accuracy target",
     "serve": "OpenAI-style /v1/completions and /health on localhost, from an OUT folder (TensorRT or ONNX Runtime)",
 }
 
@@ -72,6 +74,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-smooth", action="store_true", help="naive W8A8 without SmoothQuant (for comparison)")
     p.add_argument("--include", action="append", default=[], help="quantize only modules matching this glob")
     p.add_argument("--skip", action="append", default=[], help="keep modules matching this glob in float")
+    p.add_argument("--skip-file", default=None, metavar="FILE",
+                   help="keep the modules listed in FILE (one glob per line) in float, e.g. OUT/float_modules.txt "
+                        "written by `report --bisect`")
     p.add_argument("--kv-cache-int8", action="store_true",
                    help="INT8 KV cache: past/present as INT8 with calibrated per-tensor scales (default: float)")
     p.add_argument("--max-batch", type=int, default=d_b.max_batch, help="TensorRT profile max batch")
@@ -90,7 +95,44 @@ def parser() -> argparse.ArgumentParser:
         _add_options(sub.add_parser(name, help=HELP[name], description=HELP[name]))
     _add_serve_options(sub.add_parser("serve", help=HELP["serve"], description=HELP["serve"]))
     _add_triton_options(sub.add_parser("triton", help=HELP["triton"], description=HELP["triton"]))
+    _add_report_options(sub.add_parser("report", help=HELP["report"], description=HELP["report"]))
     return root
+
+
+def _add_report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="OUT folder of `make engine`")
+    p.add_argument("--bisect", default=None, metavar="TARGET",
+                   help="ppl:<percent> or kl:<nats>: the fewest linears to keep float to meet it on the evaluation "
+                        "windows, written to OUT/float_modules.txt for --skip-file")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from pipeline.bisect import Target, bisect
+    from pipeline.report_files import write_reports
+    from pipeline.stages import VERIFICATION
+
+    out = Path(args.out)
+    if not (out / VERIFICATION).is_file():
+        raise PipelineError(f"{out} has no {VERIFICATION}: run `make engine OUT={out}` first (its verify stage)")
+    if args.bisect is not None:
+        found = bisect(out, Target.parse(args.bisect))
+        print(f"bisect: {len(found['exclusions'])} linears float -> {found['target']['metric']} {found['result']:.4g} "
+              f"(target {found['target']['value']}, {'met' if found['met'] else 'NOT met'}); exclusion list "
+              f"{found['exclusion_file']}")
+    print(f"report: {write_reports(out)} (also report.html, report.json)")
+
+
+def skip_globs(args: argparse.Namespace) -> tuple[str, ...]:
+    """--skip globs plus the lines of --skip-file (blank lines and # comments ignored)."""
+    listed = []
+    if args.skip_file is not None:
+        path = Path(args.skip_file)
+        if not path.is_file():
+            raise PipelineError(f"--skip-file {path} does not exist: give the float_modules.txt that "
+                                "`python -m pipeline report --bisect` wrote")
+        listed = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return tuple(args.skip) + tuple(g for g in listed if g)
 
 
 def _add_triton_options(p: argparse.ArgumentParser) -> None:
@@ -143,7 +185,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         out=out,
         calibration=CalibrationConfig(args.calib, args.eval, args.calib_windows, args.holdout_windows,
                                       args.eval_windows, args.seq_len, args.seed, args.batch_size),
-        quant=QuantConfig(args.alpha, not args.no_smooth, tuple(args.include), tuple(args.skip),
+        quant=QuantConfig(args.alpha, not args.no_smooth, tuple(args.include), skip_globs(args),
                           args.range_estimator, args.percentile, accuracy_budget=args.accuracy_budget,
                           scheme=args.quant, group_size=args.group_size, damp=args.damp,
                           act_order=not args.no_act_order, float_target=not args.no_float_target),
@@ -166,6 +208,9 @@ def run(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "triton":
             _triton(args)
+            return 0
+        if args.command == "report":
+            _report(args)
             return 0
         from pipeline import stages
 

@@ -12,7 +12,7 @@ import numpy as np
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
-    return x.reshape(-1, x.shape[-1]).astype(np.float64)
+    return x.reshape(-1, x.shape[-1]).astype(np.float64, copy=False)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -74,15 +74,16 @@ class PairStats:
     positions: int = 0
 
     def add(self, baseline: np.ndarray, candidate: np.ndarray) -> None:
-        base, cand = baseline.astype(np.float64), candidate.astype(np.float64)
+        base, cand = _rows(baseline), _rows(candidate)  # [positions, features] float64, converted once
         error = cand - base
+        magnitude = np.abs(error)
         self.window_cosines.append(float(cosines(base, cand).mean()))
-        self.max_abs = max(self.max_abs, float(np.abs(error).max()))
-        self.abs_sum += float(np.abs(error).sum())
-        self.signal_power += float((base * base).sum())
-        self.error_power += float((error * error).sum())
+        self.max_abs = max(self.max_abs, float(magnitude.max()))
+        self.abs_sum += float(magnitude.sum())
+        self.signal_power += float(np.einsum("ij,ij->", base, base))
+        self.error_power += float(np.einsum("ij,ij->", error, error))
         self.elements += error.size
-        self.top1_same += int((_rows(base).argmax(-1) == _rows(cand).argmax(-1)).sum())
+        self.top1_same += int((base.argmax(-1) == cand.argmax(-1)).sum())
         self.top5_hits += int(top_k_hits(base, cand, 5).sum())
         kl = kl_divergence(base, cand)
         self.kl_sum += float(kl.sum())

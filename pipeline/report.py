@@ -74,6 +74,11 @@ def within(measured: dict, tolerance: dict) -> bool:
             and measured["kl_mean"] <= tolerance["kl_mean"] and measured["cosine_min"] >= tolerance["cosine_min"])
 
 
+def _plan_check(floors: dict, key: str, tolerance: dict) -> dict | None:
+    measured = floors.get(key)
+    return None if measured is None else {**measured, "within_tolerance": within(measured, tolerance)}
+
+
 def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: dict, reference_vs_torch: dict,
                  quantized_vs_sim: dict, floors: dict, tuning: dict, generation: dict) -> dict:
     weight_only = not config.quant.recipe.int8_activations
@@ -128,6 +133,10 @@ def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: d
         "tensorrt_fp16_graph_on_onnxruntime": floors["fp16_qdq_vs_reference"],
         "generation": generation,
         "tensorrt_plan": build,
+        # Each plan against ONNX Runtime on the graph it was built from: the INT8 plan held to the quantized floor,
+        # the FP16 reference plan to the float floor.
+        "tensorrt_plan_vs_onnxruntime": _plan_check(floors, "tensorrt_plan_vs_onnxruntime", limits["quantized"]),
+        "tensorrt_fp16_plan_vs_onnxruntime": _plan_check(floors, "tensorrt_fp16_plan_vs_onnxruntime", limits["float"]),
         "not_verified": [] if build.get("status") == "done" else [
             "TensorRT engine: no plan was built here, so nothing ran in TensorRT ("
             + build.get("reason", build.get("status", "")) + ")"],

@@ -50,6 +50,7 @@ QUANTIZED_FP16 = "quantized.fp16.onnx"  # FP16 graph + INT8 Q/DQ with FP16 scale
 MODULE_MAP = "module_map.json"
 CHECKPOINT = "gptq_checkpoint"  # weight-only schemes: the Hugging Face GPTQ layout of the same integer weights
 ENGINE = "model.plan"
+REFERENCE_ENGINE = "reference.fp16.plan"  # FP16 plan of the float model: TensorRT's own float floor
 ALPHA_CHOICE = "alpha_choice.json"
 BUDGET = "accuracy_budget.json"
 KV_SCALES = "kv_cache_scales.json"
@@ -225,7 +226,8 @@ def calibrate_kv_cache(run: Run, graph: ir.Model) -> dict[str, float]:
 
 def export(run: Run) -> None:
     cfg = run.config.export
-    key = digest("export", run.records.key("quantize"), cfg)
+    # The graph list is part of the key: a version that writes another graph re-exports an older OUT.
+    key = digest("export", run.records.key("quantize"), cfg, [REFERENCE, REFERENCE_FP16, QUANTIZED, QUANTIZED_FP16])
     if _up_to_date(run, "export", key):
         return
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
@@ -284,7 +286,9 @@ def build(run: Run) -> None:
     settings = BuildSettings(cfg.limits(), cfg.workspace_gib << 30, cfg.optimization_level)
     manifest = build_plan(run.path(QUANTIZED_FP16), run.path(ENGINE), settings, run.path("timing.cache"))
     write_manifest(manifest, run.path(ENGINE + ".json"))
-    run.records.complete("build", key, [ENGINE, ENGINE + ".json"])
+    log.info("build: %s, the float plan verify holds the INT8 one against", REFERENCE_ENGINE)
+    build_plan(run.path(REFERENCE_FP16), run.path(REFERENCE_ENGINE), settings, run.path("timing.cache"))
+    run.records.complete("build", key, [ENGINE, ENGINE + ".json", REFERENCE_ENGINE])
     run.update_manifest("build", "done", **manifest)
 
 
@@ -305,14 +309,22 @@ def generation_check(run: Run, model, tokenizer) -> dict:
                         for text, r, q in zip(verify.GENERATION_PROMPTS, reference, quantized)]}
 
 
-def layerwise_check(run: Run, model, plan: QuantPlan, windows: np.ndarray) -> dict:
-    """Layer-wise diff of reference and Q/DQ graphs (`model`: the smoothed float model), saved in OUT."""
-    from pipeline.layerwise import layerwise_diff
-
+def layerwise_inputs(run: Run, model, plan: QuantPlan) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """What the layer-wise diff needs besides the graphs (`model`: the smoothed float model): each quantized
+    linear's float weight in MatMul layout, and the smoothing factor on the output rows of those that produce
+    another linear's input."""
     float_weights = {m.name: model.get_submodule(m.name).weight.detach().T.contiguous().numpy()
                      for m in plan.quantized()}
     factors = {k: v.numpy() for k, v in load_file(str(run.path(FACTORS))).items() if k in float_weights}
-    result, channels = layerwise_diff(run.path(REFERENCE), run.path(QUANTIZED), windows, float_weights, factors)
+    return float_weights, factors
+
+
+def layerwise_check(run: Run, model, plan: QuantPlan, windows: np.ndarray) -> dict:
+    """Layer-wise diff of the reference and Q/DQ graphs, saved in OUT with its channel statistics."""
+    from pipeline.layerwise import layerwise_diff
+
+    result, channels = layerwise_diff(run.path(REFERENCE), run.path(QUANTIZED), windows,
+                                      *layerwise_inputs(run, model, plan))
     with atomic_path(run.path(LAYERWISE_CHANNELS)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **channels)
@@ -343,6 +355,11 @@ def verify_stage(run: Run) -> dict:
                                                      "Q/DQ ONNX vs PyTorch fake-quant")
         quantized_vs_sim["noise_floor"] = verify.attention_path_noise_floor(model, evaluation[:FAITHFULNESS_WINDOWS])
     manifest = read_json(run.path("manifest.json"))
+    if manifest["stages"].get("build", {}).get("status") == "done":  # same code path as ONNX Runtime's, via Polygraphy
+        for key, plan, graph in (("tensorrt_plan_vs_onnxruntime", ENGINE, QUANTIZED_FP16),
+                                 ("tensorrt_fp16_plan_vs_onnxruntime", REFERENCE_ENGINE, REFERENCE_FP16)):
+            floors[key] = verify.compare_plan(run.path(plan), run.path(graph), evaluation[:FP16_GRAPH_WINDOWS],
+                                              f"{plan} vs ONNX Runtime")
     budget = read_json(run.path(BUDGET)) if run.config.quant.accuracy_budget is not None else None
     tuning_summary = report.tuning_summary(plan, read_json(run.path(ALPHA_CHOICE)), budget)
     result = report.build_report(run.config, manifest, plan, accuracy, reference_vs_torch, quantized_vs_sim, floors,

@@ -124,6 +124,24 @@ def precision_floors(reference: Path, reference_fp16: Path, quantized: Path, qua
             "fp16_qdq_vs_reference": pair_metrics(windows, logits[reference], logits[quantized_fp16])}
 
 
+def compare_plan(plan: Path, graph: Path, windows: np.ndarray, label: str) -> dict:
+    """A TensorRT plan (Polygraphy TrtRunner, prefill profile) against ONNX Runtime on the graph it was built
+    from, on identical feeds: the plan's reserved cache slot (trt_builder/profiles.py) is fed, masked, to both.
+    Written against Polygraphy's TensorRT backend; NOT run here (no TensorRT on these machines)."""
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    from trt_builder.profiles import RESERVED_SLOTS
+
+    shape = DecoderShape.from_onnx_file(graph)
+    stats = PairStats()
+    with onnx_runner(graph) as onnx, TrtRunner(EngineFromBytes(plan.read_bytes()), optimization_profile=0) as trt:
+        past_dtype = DataType.to_dtype(onnx.get_input_metadata()[shape.past_names[0]].dtype, "numpy")
+        for window in tqdm(windows, desc=label, unit="window"):
+            feed = shape.prefill_feed(window[None, :], past_dtype, RESERVED_SLOTS)
+            stats.add(onnx.infer(feed)["logits"], np.asarray(trt.infer(feed)["logits"]))
+    return stats.summary()
+
+
 # Greedy generation through the KV-cache graphs (the loop production services run), on fixed varied prompts.
 GENERATION_PROMPTS = (
     "The capital of France is",

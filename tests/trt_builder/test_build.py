@@ -33,3 +33,11 @@ def test_build_a_strongly_typed_int8_plan(tmp_path, tiny_model_dir, corpus):
     onnx_tokens = generate_ids(load(out / "quantized.fp16.onnx"), prompts, 8, Sampling())
     agree = np.mean([a == b for p, o in zip(plan_tokens, onnx_tokens) for a, b in zip(p, o)])
     assert agree >= 0.75, (plan_tokens, onnx_tokens)
+
+    # verify compared the plan with ONNX Runtime (TrtRunner), and the report lists each GEMM's precision.
+    report = json.loads((out / "report.json").read_text())
+    assert report["tensorrt_plan_vs_onnxruntime"]["within_tolerance"]
+    assert report["tensorrt_fp16_plan_vs_onnxruntime"]["within_tolerance"]
+    layers = report["tensorrt_layers"]
+    assert len(layers["gemms"]) == 14 and all(g["layer"] for g in layers["gemms"])
+    assert layers["not_int8"] == [], layers["not_int8"]

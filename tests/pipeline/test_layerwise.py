@@ -1,0 +1,143 @@
+"""Layer-wise diff, outlier analysis, reports from saved artifacts and --bisect, on a tiny model run end to end."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from calibration.quant import QuantPlan
+from pipeline import stages
+from pipeline.artifacts import read_json
+from pipeline.cli import config_from, parser, run
+from pipeline.layerwise import layerwise_diff
+from tests.pipeline.test_cli import SMALL, assert_one_line_error, engine
+
+LAYER_1_O_PROJ = "model.layers.1.self_attn.o_proj"
+LAYER_0_GATE = "model.layers.0.mlp.gate_proj"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir, corpus):
+    out = tmp_path_factory.mktemp("run")
+    assert engine(tiny_model_dir, out, corpus) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def diff_inputs(finished, tiny_model_dir, corpus):
+    """Everything layerwise_diff needs besides the graphs, as the verify stage builds it."""
+    args = parser().parse_args(["verify", "--model", str(tiny_model_dir), "--out", str(finished),
+                                "--calib", str(corpus), *SMALL])
+    current = stages.Run(config_from(args))
+    model, _ = stages.smoothed_model(current)
+    plan = QuantPlan.from_json(read_json(finished / stages.PLAN))
+    windows = np.load(finished / stages.WINDOWS)["evaluation"]
+    return windows, *stages.layerwise_inputs(current, model, plan)
+
+
+def corrupted_copy(out, tmp_path, initializer: str, change) -> "Path":
+    graph = ir.load(out / stages.QUANTIZED)
+    value = graph.graph.initializers[initializer]
+    array = value.const_value.numpy()
+    value.const_value = ir.tensor(change(array).astype(array.dtype), name=initializer)
+    path = tmp_path / "corrupted.onnx"
+    ir.save(graph, path)
+    return path
+
+
+def test_a_healthy_graph_has_no_large_error_and_every_module_is_measured(finished):
+    lw = read_json(finished / stages.LAYERWISE)
+    assert lw["first_large_error"] is None
+    assert len(lw["gemms"]) == 14 and [b["layer"] for b in lw["blocks"]] == ["model.layers.0", "model.layers.1"]
+    # Execution order: layer 0's attention before its MLP, before layer 1.
+    assert lw["gemms"][0]["module"] == "model.layers.0.self_attn.q_proj"
+    assert lw["gemms"][-1]["module"] == "model.layers.1.mlp.down_proj"
+    assert all(g["local_snr_db"] > 20 for g in lw["gemms"])  # INT8 rounding of a smoothed GEMM: tens of dB
+    # The error accumulated at a GEMM's output is at least what the first GEMM alone adds, and it grows.
+    assert lw["blocks"][1]["snr_db"] < lw["blocks"][0]["snr_db"]
+
+
+@pytest.mark.parametrize("initializer, change, culprit", [
+    (f"{LAYER_1_O_PROJ}.input_scale", lambda scale: scale * 100, LAYER_1_O_PROJ),
+    (f"{LAYER_0_GATE}.weight_quantized", lambda codes: -codes.astype(np.int16).clip(-127, 127), LAYER_0_GATE),
+], ids=["activation scale x100", "negated weight"])
+def test_the_layerwise_diff_names_the_corrupted_layer(finished, diff_inputs, tmp_path, initializer, change, culprit):
+    windows, float_weights, factors = diff_inputs
+    corrupted = corrupted_copy(finished, tmp_path, initializer, change)
+    found, _ = layerwise_diff(finished / stages.REFERENCE, corrupted, windows, float_weights, factors)
+    assert found["first_large_error"] == culprit
+    row = next(g for g in found["gemms"] if g["module"] == culprit)
+    assert row["local_snr_db"] < found["large_error_threshold_db"]
+    # Every GEMM before the culprit in execution order is as clean as in the healthy graph.
+    healthy = {g["module"]: g["local_snr_db"] for g in read_json(finished / stages.LAYERWISE)["gemms"]}
+    for g in found["gemms"][: [x["module"] for x in found["gemms"]].index(culprit)]:
+        assert g["local_snr_db"] == pytest.approx(healthy[g["module"]], abs=0.01)
+
+
+def test_report_from_saved_artifacts_has_figures_outliers_and_the_layer_table(finished, capsys):
+    for name in ("report.json", "report.md", "report.html"):
+        (finished / name).unlink()
+    assert run(["report", "--out", str(finished)]) == 0
+    report = json.loads((finished / "report.json").read_text())
+    assert report["report_version"] == 1 and report["bisect"] is None and report["tensorrt_layers"] is None
+    html = (finished / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "report_figures/" not in html
+    md = (finished / "report.md").read_text()
+    assert "| model.layers.1.mlp.down_proj |" in md and "First large error" in md
+    for name in ("error_by_layer", "activation_outliers", "weight_ranges", "worst_channels"):
+        assert (finished / "report_figures" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    # The tiny model has 40x input_layernorm channels: smoothing must flatten the q/k/v input and steepen weights.
+    rows = {r["module"]: r for r in report["outliers"]["modules"]}
+    for layer in (0, 1):
+        q = rows[f"model.layers.{layer}.self_attn.q_proj"]
+        assert q["activation_max_median_after"] < q["activation_max_median_before"] / 2
+        assert q["weight_max_median_after"] > q["weight_max_median_before"]
+        assert {c["channel"] for c in q["top_channels"][:3]} == {0, 1, 2}
+    a = report["accuracy"]
+    for key in ("next_token_top5_agreement", "next_token_kl_mean", "logits_snr_db", "logits_mean_abs_error"):
+        assert a[key] is not None
+    assert report["export_faithfulness"]["reference_within_float_tolerance"] is True
+    floors = report["precision_floors"]  # FP16 arithmetic moves a W8A8 graph more than a float one
+    assert floors["quantized"]["kl_mean"] > floors["float"]["kl_mean"] > 0
+
+
+def test_bisect_finds_an_exclusion_list_that_the_rerun_meets(finished, tiny_model_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    all_quantized = read_json(out / stages.VERIFICATION)["accuracy"]["next_token_kl_mean"]
+    target = 0.6 * all_quantized  # INT8 weights alone (every activation float) leave ~40% of it on this model
+    assert run(["report", "--out", str(out), "--bisect", f"kl:{target}"]) == 0
+    found = read_json(out / "bisect.json")
+    assert found["met"] and 0 < len(found["exclusions"]) < 14
+    assert found["steps"][0]["count"] == 0 and found["steps"][0]["value"] > target
+    listed = (out / "float_modules.txt").read_text().split()
+    assert listed == found["exclusions"]
+    assert "Bisect" in (out / "report.md").read_text()
+    assert engine(tiny_model_dir, out, corpus, "--skip-file", str(out / "float_modules.txt")) == 0
+    plan = read_json(out / stages.PLAN)
+    assert {m["name"] for m in plan["modules"] if m["status"] == "skipped"} == set(listed)
+    assert read_json(out / stages.VERIFICATION)["accuracy"]["next_token_kl_mean"] <= target
+
+
+def test_bad_bisect_target_and_missing_skip_file_fail_in_one_line(finished, tiny_model_dir, corpus, capsys, tmp_path):
+    assert_one_line_error(capsys, run(["report", "--out", str(finished), "--bisect", "accuracy:1"]),
+                          "not a target", "ppl:")
+    assert_one_line_error(capsys, engine(tiny_model_dir, tmp_path / "x", corpus, "--skip-file", "nope.txt"),
+                          "--skip-file nope.txt does not exist")
+    assert_one_line_error(capsys, run(["report", "--out", str(tmp_path)]), "run `make engine")
+
+
+def test_the_tensorrt_comparison_feed_with_a_reserved_slot_gives_the_same_logits(finished):
+    """verify.compare_plan feeds a plan's prefill profile one masked reserved slot; ONNX Runtime on that feed must
+    give the logits of the plain feed, or the plan comparison would measure the feed, not the plan."""
+    from exporters.decoder_io import DecoderShape
+    from pipeline.verify import onnx_session
+
+    shape = DecoderShape.from_onnx_file(finished / stages.QUANTIZED)
+    session = onnx_session(finished / stages.QUANTIZED)
+    window = np.load(finished / stages.WINDOWS)["evaluation"][:1]
+    plain = session.run(["logits"], shape.prefill_feed(window))[0]
+    reserved = session.run(["logits"], shape.prefill_feed(window, np.float32, reserved_slots=1))[0]
+    np.testing.assert_allclose(reserved, plain, atol=1e-5, rtol=0)

@@ -1,0 +1,40 @@
+"""Comparison metrics against values worked out by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.metrics import PairStats, kl_divergence, next_token_nll, snr_db, top_k_hits
+
+
+def test_kl_of_two_known_distributions():
+    p, q = np.log([[0.5, 0.5]]), np.log([[0.9, 0.1]])
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert kl_divergence(p, q)[0] == pytest.approx(expected, rel=1e-12)
+    assert kl_divergence(p + 3.0, p)[0] == pytest.approx(0.0, abs=1e-15)  # logits shift: same distribution
+
+
+def test_top5_asks_whether_the_reference_choice_is_still_a_candidate():
+    reference = np.array([[0.0, 0, 0, 0, 0, 0, 9.0]])  # top-1 is token 6
+    ranks_sixth = np.array([[6.0, 5, 4, 3, 2, 0, 1.0]])  # token 6 is the candidate's 6th most likely
+    ranks_fifth = np.array([[6.0, 5, 4, 3, 0, 0, 2.0]])
+    assert not top_k_hits(reference, ranks_sixth, 5)[0] and top_k_hits(reference, ranks_fifth, 5)[0]
+
+
+def test_snr_and_the_exact_case():
+    assert snr_db(100.0, 1.0) == pytest.approx(20.0)
+    assert snr_db(1.0, 0.0) is None
+
+
+def test_pair_stats_and_nll_on_a_tiny_example():
+    base = np.array([[[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]]])
+    cand = base + np.array([[[0.0, 0.5, 0.0], [0.0, 0.0, 0.0]]])
+    s = PairStats()
+    s.add(base, cand)
+    summary = s.summary()
+    assert summary["max_abs_error"] == 0.5 and summary["mean_abs_error"] == pytest.approx(0.5 / 6)
+    assert summary["snr_db"] == pytest.approx(10 * math.log10(13 / 0.25))
+    assert summary["top1_agreement"] == 1.0 and summary["positions"] == 2
+    total, count = next_token_nll(base, np.array([[0, 1]]))
+    assert count == 1 and total == pytest.approx(math.log(math.exp(2) + 2))  # p(token 1) from position 0
