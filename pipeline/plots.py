@@ -71,7 +71,7 @@ def error_by_layer(layerwise: dict) -> bytes:
     ax.plot([per_block * (i + 1) - 1 for i in range(len(layerwise["blocks"]))],
             _values(b["snr_db"] for b in layerwise["blocks"]), "-", label="block output SNR vs reference")
     if layerwise["large_error_threshold_db"] is not None:
-        ax.axhline(layerwise["large_error_threshold_db"], color="red", linestyle=":", label="large-error threshold")
+        ax.axhline(layerwise["large_error_threshold_db"], color="red", linestyle=":", label="large local error threshold")
     ax.set_xlabel("quantized GEMM, execution order")
     ax.set_ylabel("SNR (dB)")
     ax.legend(fontsize=8)
