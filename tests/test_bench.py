@@ -22,5 +22,6 @@ def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus):
     assert set(r["accuracy"]) == {"w8a8", "w4a16-rtn", "ORT quantize_static"}
     assert set(r["latency"]["smoothtrt W8A8"]) == {"prefill 1x512", "prefill 4x128", "decode step (KV cache)"}
     measured = [t for t in r["targets"] if t["measured"] is not None]
-    assert len(measured) == 8 and all(t["met"] in (True, False) for t in measured)
+    assert len(measured) == 9 and all(t["met"] in (True, False) for t in measured)
+    assert r["report"]["seconds"] > 0 and (tmp_path / "out" / "w8a8" / "report.html").is_file()
     assert "| target | measured | limit | met |" in (results / "bench.md").read_text()
