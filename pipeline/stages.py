@@ -356,10 +356,10 @@ def verify_stage(run: Run) -> dict:
         quantized_vs_sim["noise_floor"] = verify.attention_path_noise_floor(model, evaluation[:FAITHFULNESS_WINDOWS])
     manifest = read_json(run.path("manifest.json"))
     if manifest["stages"].get("build", {}).get("status") == "done":  # same code path as ONNX Runtime's, via Polygraphy
-        for key, plan, graph in (("tensorrt_plan_vs_onnxruntime", ENGINE, QUANTIZED_FP16),
-                                 ("tensorrt_fp16_plan_vs_onnxruntime", REFERENCE_ENGINE, REFERENCE_FP16)):
-            floors[key] = verify.compare_plan(run.path(plan), run.path(graph), evaluation[:FP16_GRAPH_WINDOWS],
-                                              f"{plan} vs ONNX Runtime")
+        for measured, engine, graph in (("tensorrt_plan_vs_onnxruntime", ENGINE, QUANTIZED_FP16),
+                                        ("tensorrt_fp16_plan_vs_onnxruntime", REFERENCE_ENGINE, REFERENCE_FP16)):
+            windows = evaluation[:FP16_GRAPH_WINDOWS, : run.config.build.max_input_len]  # the prefill profile's limit
+            floors[measured] = verify.compare_plan(run.path(engine), run.path(graph), windows, f"{engine} vs ONNX Runtime")
     budget = read_json(run.path(BUDGET)) if run.config.quant.accuracy_budget is not None else None
     tuning_summary = report.tuning_summary(plan, read_json(run.path(ALPHA_CHOICE)), budget)
     result = report.build_report(run.config, manifest, plan, accuracy, reference_vs_torch, quantized_vs_sim, floors,
