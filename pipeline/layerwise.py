@@ -55,10 +55,11 @@ class TensorError:
 
 
 def _marked_copy(path: Path, modules: list[str], folder: Path) -> tuple[Path, Probes, dict[str, np.ndarray]]:
-    """A copy of the graph in `folder` with the probes of `modules` marked as outputs; and their weights."""
+    """A copy of the graph in `folder` with the probes of `modules` marked as outputs; and the input-channel
+    absmax of each module's weight (as the graph multiplies it: dequantized where it is quantized)."""
     model = ir.load(path)
     probes = find_probes(model, modules)
-    weights = {m: gemm_weight(model, m) for m in modules}
+    weights = {m: np.abs(gemm_weight(model, m)).max(1) for m in modules}
     with_outputs(model, probes.names())
     folder.mkdir()
     target = folder / path.name
@@ -94,8 +95,7 @@ def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_
         ref_path, ref_probes, ref_weights = _marked_copy(reference, modules, Path(tmp) / "reference")
         q_path, q_probes, q_weights = _marked_copy(quantized, modules, Path(tmp) / "quantized")
         for m in modules:
-            channels[f"{m}/weight_before"] = np.abs(ref_weights[m]).max(1)
-            channels[f"{m}/weight_after"] = np.abs(q_weights[m]).max(1)
+            channels[f"{m}/weight_before"], channels[f"{m}/weight_after"] = ref_weights[m], q_weights[m]
         blocks = {layer: TensorError() for layer in q_probes.block_outputs}
         with onnx_runner(ref_path) as ref_runner, onnx_runner(q_path) as q_runner:
             ref_feed, q_feed = window_feeder(ref_runner), window_feeder(q_runner)
