@@ -123,3 +123,14 @@ def test_linter_rejects_int4_below_opset_21():
 def test_plan_records_the_weight_layout():
     _, _, _, plan = weight_only(4)
     assert QuantPlan.from_json(plan.to_json()) == plan
+
+
+def test_the_layerwise_probe_reads_a_blocked_int4_weight_as_pytorch_dequantizes_it(exported):
+    """exporters.probes.gemm_weight feeds the outlier analysis and the layer-wise diff: for group-wise INT4 (groups
+    of 48 cut into blocks of 16) it must give the same matrix as the GPTQ layout's dequantization."""
+    from exporters.probes import gemm_weight
+
+    _, _, weights, _, graphs = exported
+    graph = graphs[torch.float32][0]
+    for name, weight in weights.items():
+        np.testing.assert_allclose(gemm_weight(graph, name), weight.dequantize().numpy().T, rtol=1e-6, atol=1e-7)

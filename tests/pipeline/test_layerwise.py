@@ -141,3 +141,14 @@ def test_the_tensorrt_comparison_feed_with_a_reserved_slot_gives_the_same_logits
     plain = session.run(["logits"], shape.prefill_feed(window))[0]
     reserved = session.run(["logits"], shape.prefill_feed(window, np.float32, reserved_slots=1))[0]
     np.testing.assert_allclose(reserved, plain, atol=1e-5, rtol=0)
+
+
+def test_weight_channels_after_smoothing_are_the_exported_int8_weights(finished):
+    """The outlier analysis reads weights from the graphs: per-channel INT8 through DequantizeLinear must give back
+    the integer weights quantize saved, dequantized."""
+    from calibration.gptq import load_quantized
+
+    channels = np.load(finished / stages.LAYERWISE_CHANNELS)
+    for name, weight in load_quantized(finished / stages.WEIGHTS).items():
+        expected = weight.dequantize().abs().amax(dim=0).numpy()  # [out, in] -> per input channel
+        np.testing.assert_allclose(channels[f"{name}/weight_after"], expected, rtol=1e-6)
