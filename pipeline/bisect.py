@@ -11,6 +11,7 @@ is an exclusion list (one module per line) for `--skip-file`; the re-run keeps t
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ def bisect(out: Path, target: Target) -> dict:
     windows = np.load(out / WINDOWS)["evaluation"]
     reference = list(graph_logits(out / REFERENCE, windows, "bisect: reference"))
     measured: dict[int, dict] = {}
+    most_steps = 2 + math.ceil(math.log2(max(len(order), 1)))  # both ends, then halving
+
 
     def evaluate(count: int) -> dict:
         if count not in measured:
@@ -75,7 +78,8 @@ def bisect(out: Path, target: Target) -> dict:
                 path = Path(tmp) / "candidate.onnx"
                 ir.save(graph, path, external_data="candidate.onnx.data")
                 del graph
-                logits = graph_logits(path, windows, f"bisect: {count} linears float")
+                label = f"bisect step {len(measured) + 1} of at most {most_steps}: {count} linears float"
+                logits = graph_logits(path, windows, label)
                 measured[count] = pair_metrics(windows, reference, logits)
             log.info("bisect: %d linears float -> %s %.4g", count, target.metric,
                      measured[count][METRICS[target.metric]])
