@@ -22,7 +22,8 @@ HELP = {
     "quantize": "SmoothQuant factors and the W8A8 plan, or GPTQ/RTN weights; integer weights and plan saved",
     "export": "reference ONNX, Q/DQ ONNX (FP32 for ONNX Runtime, FP16 for TensorRT), module map, lint",
     "build": "TensorRT plan from the FP16 Q/DQ ONNX (skipped with a reason where TensorRT is absent)",
-    "verify": "ONNX Runtime vs PyTorch and reference vs Q/DQ on evaluation windows; report.json/report.md",
+    "verify": "ONNX Runtime vs PyTorch and reference vs Q/DQ on evaluation windows, precision floors, layer-wise "
+              "diff; then report.json/.md/.html",
     "engine": "all stages in order, resuming from what OUT already holds",
     "triton": "a Triton Inference Server model repository (config.pbtxt + model) from an OUT folder",
     "report": "report.json/.md/.html from the artifacts in OUT (no recalibration); --bisect finds the fewest linears "

@@ -1,4 +1,5 @@
-"""report.json / report.md: what was measured, on what, and what could not run."""
+"""What verify measured, on what, and what could not run (verification.json, the core of report.json), plus the
+printed plan and headline; report_files.py composes and renders the full report."""
 
 from __future__ import annotations
 
