@@ -28,7 +28,7 @@ def layer_of(module: str) -> str:
 
 @dataclass(frozen=True)
 class Probes:
-    """Tensor names, in execution order. gemm_inputs only where the graph quantizes that GEMM's activation."""
+    """Tensor names, in execution order; input_scales only where the graph quantizes that GEMM's activation."""
 
     gemm_outputs: dict[str, str]  # module -> its MatMul's output
     gemm_inputs: dict[str, str]  # module -> its float activation: what its QuantizeLinear reads, else its input

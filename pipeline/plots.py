@@ -67,9 +67,10 @@ def error_by_layer(layerwise: dict) -> bytes:
     ax.plot(range(len(gemms)), _values(g["local_snr_db"] for g in gemms), ".", markersize=4, label="GEMM local SNR")
     ax.plot(range(len(gemms)), _values(g["output_snr_db"] for g in gemms), ".", markersize=4,
             label="GEMM output SNR vs reference")
-    per_block = max(len(gemms) // max(len(layerwise["blocks"]), 1), 1)
-    ax.plot([per_block * (i + 1) - 1 for i in range(len(layerwise["blocks"]))],
-            _values(b["snr_db"] for b in layerwise["blocks"]), "-", label="block output SNR vs reference")
+    last_gemm = {g["layer"]: i for i, g in enumerate(gemms)}  # a block's output follows its last quantized GEMM
+    blocks = layerwise["blocks"]  # one per layer holding a quantized GEMM (exporters.probes.find_probes)
+    ax.plot([last_gemm[b["layer"]] for b in blocks], _values(b["snr_db"] for b in blocks), "-",
+            label="block output SNR vs reference")
     if layerwise["large_error_threshold_db"] is not None:
         ax.axhline(layerwise["large_error_threshold_db"], color="red", linestyle=":", label="large local error threshold")
     ax.set_xlabel("quantized GEMM, execution order")

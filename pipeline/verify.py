@@ -35,12 +35,13 @@ def onnx_runner(path: Path, disabled_optimizers: tuple[str, ...] = ()) -> Onnxrt
     return OnnxrtRunner(lambda: onnx_session(path, disabled_optimizers=disabled_optimizers))
 
 
-def window_feeder(runner: OnnxrtRunner):
-    """window -> the decoder graph's inputs for that whole window with an empty past (teacher-forced logits)."""
+def window_feeder(runner: OnnxrtRunner, reserved_slots: int = 0):
+    """window -> the decoder graph's inputs for that whole window with an empty past (teacher-forced logits);
+    `reserved_slots` masked past slots first (DecoderShape.prefill_feed)."""
     metadata = runner.get_input_metadata()
     shape = DecoderShape.from_inputs({name: meta.shape for name, meta in metadata.items()})
     past_dtype = DataType.to_dtype(metadata[shape.past_names[0]].dtype, "numpy")
-    return lambda window: shape.prefill_feed(window[None, :], past_dtype)
+    return lambda window: shape.prefill_feed(window[None, :], past_dtype, reserved_slots)
 
 
 def torch_logits(model: torch.nn.Module, window: np.ndarray) -> np.ndarray:
@@ -132,13 +133,12 @@ def compare_plan(plan: Path, graph: Path, windows: np.ndarray, label: str) -> di
 
     from trt_builder.profiles import RESERVED_SLOTS
 
-    shape = DecoderShape.from_onnx_file(graph)
     stats = PairStats()
     with onnx_runner(graph) as onnx, TrtRunner(EngineFromBytes(plan.read_bytes()), optimization_profile=0) as trt:
-        past_dtype = DataType.to_dtype(onnx.get_input_metadata()[shape.past_names[0]].dtype, "numpy")
+        feed = window_feeder(onnx, RESERVED_SLOTS)
         for window in tqdm(windows, desc=label, unit="window"):
-            feed = shape.prefill_feed(window[None, :], past_dtype, RESERVED_SLOTS)
-            stats.add(onnx.infer(feed)["logits"], np.asarray(trt.infer(feed)["logits"]))
+            inputs = feed(window)
+            stats.add(onnx.infer(inputs)["logits"], np.asarray(trt.infer(inputs)["logits"]))
     return stats.summary()
 
 
