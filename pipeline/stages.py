@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibration.data import build_windows
+from calibration.data_check import check_windows
 from calibration.gptq import QuantizedWeight, load_quantized, save_quantized
 from calibration.quant import QuantPlan, fake_quantized
 from calibration.recipe import smooth_and_plan
@@ -28,6 +29,7 @@ from exporters.lint import check_onnx_file, lint_or_raise
 from exporters.onnx_export import export_model
 from exporters.qdq import LinearQuantization, grouped_linear, insert_qdq, module_node_map
 from pipeline import PipelineError, models, report, report_files, tuning, verify
+from pipeline.accuracy_target import Target
 from pipeline.budget import fit_budget
 from pipeline.artifacts import (StageRecords, atomic_folder, atomic_path, prepare_out, read_json, scratch_folder,
                                 versions, write_json)
@@ -114,9 +116,12 @@ def calibrate(run: Run) -> None:
     model, tokenizer, spec = run.model()
     windows = build_windows(model, tokenizer, cfg.source, cfg.eval_source, cfg.windows, cfg.holdout_windows,
                             cfg.eval_windows, cfg.seq_len, cfg.seed)
+    data_check = check_windows(windows.calibration, windows.holdout, windows.evaluation, model.config.vocab_size)
+    for warning in data_check.warnings:
+        log.warning("calibration data: %s", warning)
     absmax = collect_input_absmax(model, quantizable_linears(model, spec), windows.calibration, cfg.batch_size)
     details = {"calibration_origin": windows.calibration_origin, "evaluation_origin": windows.evaluation_origin,
-               "windows_sha256": windows.digest(), "seed": cfg.seed}
+               "windows_sha256": windows.digest(), "seed": cfg.seed, "data_check": data_check.to_json()}
     with atomic_path(run.path(WINDOWS)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, calibration=windows.calibration, holdout=windows.holdout, evaluation=windows.evaluation)
@@ -124,8 +129,9 @@ def calibrate(run: Run) -> None:
         save_stats(absmax, tmp, {"windows_sha256": windows.digest()})
     run.records.complete("calibrate", key, [WINDOWS, STATS], details)
     run.update_manifest("calibrate", "done", **details)
-    log.info("calibrate: %d windows x %d tokens (%s), sha256 %s", cfg.windows, cfg.seq_len,
-             windows.calibration_origin, windows.digest()[:16])
+    log.info("calibrate: %d windows x %d tokens (%s), sha256 %s; %d distinct tokens (%.1f%% of the vocabulary), "
+             "%d duplicate windows", cfg.windows, cfg.seq_len, windows.calibration_origin, windows.digest()[:16],
+             data_check.distinct_tokens, 100 * data_check.vocabulary_coverage, data_check.duplicate_windows)
 
 
 def quantize(run: Run) -> QuantPlan:
@@ -165,11 +171,11 @@ def _smoothquant(run: Run, model, spec, windows, outputs: list[str]):
     factors, plan = smooth_and_plan(model, spec, absmax, tuning.recipe_for(cfg, alphas, cfg.alpha),
                                     windows["calibration"][: cfg.search_windows], batch, FLOAT_MODULES)
     if cfg.accuracy_budget is not None:
-        plan, evidence = fit_budget(model, spec, plan, windows["holdout"], batch, cfg.accuracy_budget)
+        target = Target.parse(cfg.accuracy_budget, "--accuracy-budget")
+        plan, evidence = fit_budget(model, spec, plan, windows["holdout"], batch, target)
         if not evidence["met"]:
-            log.warning("quantize: accuracy budget %.2f%% NOT met on the holdout (%.4f vs %.4f float); the plan keeps "
-                        "%d groups float", cfg.accuracy_budget, evidence["final_perplexity"],
-                        evidence["reference_perplexity"], len(evidence["kept_float"]))
+            log.warning("quantize: accuracy budget %s NOT met on the holdout (%s); the plan keeps %d groups float",
+                        target, target.describe(target.of(evidence["final"])), len(evidence["kept_float"]))
         write_json(run.path(BUDGET), evidence)
         outputs.append(BUDGET)
     return factors, plan, choice

@@ -41,6 +41,8 @@ def test_engine_writes_every_artifact_and_an_honest_report(finished):
     manifest = json.loads((finished / "manifest.json").read_text())
     assert manifest["config"]["quant"]["alpha"] == "auto"
     assert manifest["stages"]["calibrate"]["windows_sha256"] == report["calibration"]["windows_sha256"]
+    data_check = manifest["stages"]["calibrate"]["data_check"]  # the small test set is flagged, not refused
+    assert data_check["evaluation_overlap"] == 0 and data_check["warnings"][0].startswith("only ")
     try:
         import tensorrt  # noqa: F401
     except ImportError:
