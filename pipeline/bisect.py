@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,35 +20,14 @@ import onnx_ir as ir
 
 from exporters.qdq import float_activations
 from pipeline import PipelineError
+from pipeline.accuracy_target import Target
 from pipeline.artifacts import atomic_path, read_json, write_json
 from pipeline.verify import graph_logits, pair_metrics
 
 log = logging.getLogger(__name__)
 
-METRICS = {"ppl": "perplexity_delta_percent", "kl": "kl_mean"}
 EXCLUSIONS = "float_modules.txt"
 RESULT = "bisect.json"
-
-
-@dataclass(frozen=True)
-class Target:
-    metric: str  # "ppl": perplexity delta in percent of the reference; "kl": mean next-token KL in nats
-    value: float
-
-    @classmethod
-    def parse(cls, text: str) -> Target:
-        metric, _, value = text.partition(":")
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-        if metric not in METRICS or number is None or number < 0:
-            raise PipelineError(f"--bisect '{text}' is not a target: write ppl:<percent> (e.g. ppl:1.5) or "
-                                "kl:<nats> (e.g. kl:0.02)")
-        return cls(metric, number)
-
-    def met(self, metrics: dict) -> bool:
-        return metrics[METRICS[self.metric]] <= self.value
 
 
 def candidates(layerwise: dict) -> list[str]:
@@ -81,8 +59,7 @@ def bisect(out: Path, target: Target) -> dict:
                 label = f"bisect step {len(measured) + 1} of at most {most_steps}: {count} linears float"
                 logits = graph_logits(path, windows, label)
                 measured[count] = pair_metrics(windows, reference, logits)
-            log.info("bisect: %d linears float -> %s %.4g", count, target.metric,
-                     measured[count][METRICS[target.metric]])
+            log.info("bisect: %d linears float -> %s %.4g", count, target.metric, target.of(measured[count]))
         return measured[count]
 
     low, high = 0, len(order)
@@ -97,9 +74,9 @@ def bisect(out: Path, target: Target) -> dict:
     record = {
         "target": {"metric": target.metric, "value": target.value}, "windows": len(windows),
         "candidates": order, "exclusions": exclusions, "exclusion_file": str(out / EXCLUSIONS),
-        "all_quantized": measured[0][METRICS[target.metric]], "result": result[METRICS[target.metric]],
+        "all_quantized": target.of(measured[0]), "result": target.of(result),
         "met": target.met(result), "estimate": "activations of the excluded linears float, their weights INT8",
-        "steps": [{"count": k, "value": m[METRICS[target.metric]], "perplexity_delta_percent":
+        "steps": [{"count": k, "value": target.of(m), "perplexity_delta_percent":
                    m["perplexity_delta_percent"], "kl_mean": m["kl_mean"]} for k, m in sorted(measured.items())],
     }
     write_json(out / RESULT, record)

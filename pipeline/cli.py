@@ -12,6 +12,7 @@ from pathlib import Path
 from calibration import CalibrationError
 from exporters import ExportError
 from pipeline import PipelineError
+from pipeline.accuracy_target import Target
 from pipeline.config import RANGE_ESTIMATORS, SCHEMES, BuildConfig, CalibrationConfig, ExportConfig, QuantConfig, RunConfig
 from trt_builder import BuildError
 
@@ -68,8 +69,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--range-estimator", default=d_q.range_estimator, choices=RANGE_ESTIMATORS,
                    help="activation range: calibration max, a percentile of |x|, or the MSE-optimal clipping")
     p.add_argument("--percentile", type=float, default=d_q.percentile, help="percentile for --range-estimator percentile")
-    p.add_argument("--accuracy-budget", type=float, default=None, metavar="PERCENT",
-                   help="keep the fewest activation groups float so holdout perplexity stays within PERCENT of float")
+    p.add_argument("--accuracy-budget", default=None, metavar="TARGET",
+                   help="ppl:<percent> (or just <percent>) or kl:<nats>: keep the fewest activation groups float so "
+                        "the holdout windows stay within it (perplexity above float, or mean KL from float)")
     p.add_argument("--holdout-windows", type=int, default=d_cal.holdout_windows,
                    help="calibration-source windows kept out of the statistics to score tuning choices")
     p.add_argument("--no-smooth", action="store_true", help="naive W8A8 without SmoothQuant (for comparison)")
@@ -109,7 +111,7 @@ def _add_report_options(p: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from pipeline.bisect import Target, bisect
+    from pipeline.bisect import bisect
     from pipeline.report_files import write_reports
     from pipeline.stages import VERIFICATION
 
@@ -117,7 +119,7 @@ def _report(args: argparse.Namespace) -> None:
     if not (out / VERIFICATION).is_file():
         raise PipelineError(f"{out} has no {VERIFICATION}: run `make engine OUT={out}` first (its verify stage)")
     if args.bisect is not None:
-        found = bisect(out, Target.parse(args.bisect))
+        found = bisect(out, Target.parse(args.bisect, "--bisect"))
         print(f"bisect: {len(found['exclusions'])} linears float -> {found['target']['metric']} {found['result']:.4g} "
               f"(target {found['target']['value']}, {'met' if found['met'] else 'NOT met'}); exclusion list "
               f"{found['exclusion_file']}")

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from pipeline import PipelineError
+from pipeline.accuracy_target import Target
 
 TWO_GIB = 2 << 30  # protobuf's message limit: larger models need ONNX external data
 
@@ -59,7 +60,7 @@ class QuantConfig:
     percentile: float = 99.99
     search_windows: int = 8  # calibration windows seen by the per-group search and the range estimators
     alpha_grid: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
-    accuracy_budget: float | None = None  # percent of holdout perplexity; None: quantize every selected linear
+    accuracy_budget: str | None = None  # holdout target "ppl:<percent>" | "kl:<nats>"; None: quantize every linear
     scheme: str = "w8a8"
     group_size: int = 128  # weight-only schemes: input columns per scale; -1 per output channel
     damp: float = 0.01  # GPTQ dampening, a fraction of the Hessian's mean diagonal
@@ -88,9 +89,8 @@ class QuantConfig:
                                 f"{', '.join(RANGE_ESTIMATORS)}")
         if not 0.0 < self.percentile <= 100.0:
             raise PipelineError(f"percentile must be within (0, 100] (got {self.percentile}): try 99.99")
-        if self.accuracy_budget is not None and not self.accuracy_budget > 0:
-            raise PipelineError(f"accuracy budget must be a positive perplexity percentage (got {self.accuracy_budget}): "
-                                "e.g. --accuracy-budget 1")
+        if self.accuracy_budget is not None:  # normalised ("1" -> "ppl:1"), so equal targets give equal stage keys
+            object.__setattr__(self, "accuracy_budget", str(Target.parse(self.accuracy_budget, "--accuracy-budget")))
         if self.search_windows < 1:
             raise PipelineError(f"search_windows must be at least 1 (got {self.search_windows})")
 

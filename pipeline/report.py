@@ -38,8 +38,8 @@ def tuning_summary(plan: QuantPlan, alpha_choice: dict, budget: dict | None) -> 
     if "holdout_perplexity" in alpha_choice:
         summary["grid_holdout_perplexity"] = alpha_choice["holdout_perplexity"]
     if budget is not None:
-        summary["accuracy_budget"] = {k: budget.get(k) for k in ("budget_percent", "reference_perplexity",
-                                      "all_quantized_perplexity", "final_perplexity", "kept_float", "met")}
+        summary["accuracy_budget"] = {k: budget[k] for k in ("target", "holdout_windows", "reference_perplexity",
+                                                             "all_quantized", "final", "kept_float", "met")}
     return summary
 
 

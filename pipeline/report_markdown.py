@@ -215,10 +215,12 @@ def _tuning_line(t: dict) -> str:
     line += f"; activation ranges: {t['range_estimator']}."
     b = t.get("accuracy_budget")
     if b:
-        line += (f" Accuracy budget {b['budget_percent']}% of holdout perplexity: {len(b['kept_float'])} activation "
-                 f"groups kept float ({', '.join(b['kept_float']) or 'none'}); holdout perplexity "
-                 f"{b['all_quantized_perplexity']:.4f} -> {b['final_perplexity']:.4f} vs float "
-                 f"{b['reference_perplexity']:.4f}" + ("" if b.get("met", True) else " (budget NOT met)") + ".")
+        before, after = b["all_quantized"], b["final"]
+        line += (f" Accuracy budget {b['target']} on {b['holdout_windows']} holdout windows: {len(b['kept_float'])} "
+                 f"activation groups kept float ({', '.join(b['kept_float']) or 'none'}); holdout perplexity "
+                 f"{before['perplexity']:.4f} -> {after['perplexity']:.4f} vs float {b['reference_perplexity']:.4f}, "
+                 f"mean KL {before['kl_mean']:.4f} -> {after['kl_mean']:.4f}"
+                 + ("" if b["met"] else " (budget NOT met)") + ".")
     return line
 
 

@@ -53,6 +53,8 @@ def test_percentile_ranges_clip_and_are_recorded(tiny_model_dir, corpus, tmp_pat
     (["--alpha", "best"], "ALPHA must be a number within [0, 1], 'auto' or 'grid' (got 'best')"),
     (["--percentile", "0"], "percentile must be within (0, 100]"),
     (["--holdout-windows", "0"], "holdout_windows must be at least 1"),
+    (["--accuracy-budget", "kl:-1"], "--accuracy-budget 'kl:-1' is not a target: write ppl:<percent>"),
+    (["--accuracy-budget", "top1:99"], "--accuracy-budget 'top1:99' is not a target"),
 ])
 def test_bad_tuning_options_are_one_line_errors(tiny_model_dir, corpus, tmp_path, capsys, argv, message):
     code = run(["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--calib", str(corpus), *argv])
@@ -62,16 +64,21 @@ def test_bad_tuning_options_are_one_line_errors(tiny_model_dir, corpus, tmp_path
     assert not (tmp_path / "o").exists()
 
 
-def test_accuracy_budget_keeps_the_costliest_groups_float_until_met(tiny_model_dir, corpus, tmp_path):
+@pytest.mark.parametrize("budget, metric", [("0.05", "perplexity_delta_percent"), ("kl:0.00003", "kl_mean")])
+def test_accuracy_budget_keeps_the_costliest_groups_float_until_met(tiny_model_dir, corpus, tmp_path, budget, metric):
     # naive W8A8 on the planted outlier channels: the budget has work to do
-    plan, _ = quantize(tiny_model_dir, tmp_path, corpus, "--no-smooth", "--accuracy-budget", "0.05")
+    plan, _ = quantize(tiny_model_dir, tmp_path, corpus, "--no-smooth", "--accuracy-budget", budget)
     evidence = json.loads((tmp_path / "accuracy_budget.json").read_text())
-    assert len(evidence["unit_cost_percent"]) == 2 * 4
-    assert evidence["all_quantized_perplexity"] > evidence["reference_perplexity"] * 1.0005  # the budget had work
-    costs = evidence["unit_cost_percent"]
+    limit = float(budget.rpartition(":")[2])
+    assert evidence["target"] == {"0.05": "ppl:0.05", "kl:0.00003": "kl:3e-05"}[budget]  # normalised
+    assert len(evidence["unit_cost"]) == 2 * 4
+    assert evidence["all_quantized"][metric] > limit  # the budget had work to do
+    costs = evidence["unit_cost"]
     assert evidence["kept_float"] == sorted(costs, key=costs.get, reverse=True)[: len(evidence["kept_float"])]
-    assert evidence["final_perplexity"] == evidence["steps"][-1]["perplexity"]
-    assert evidence["met"] == (evidence["final_perplexity"] <= evidence["reference_perplexity"] * 1.0005)
+    assert evidence["final"] == {k: v for k, v in evidence["steps"][-1].items() if k != "float"}
+    assert evidence["met"] == (evidence["final"][metric] <= limit)
+    # each step floats one more group and is re-scored; the last step is the first to meet the budget
+    assert [s[metric] <= limit for s in evidence["steps"]][:-1] == [False] * (len(evidence["steps"]) - 1)
     skipped = {m["name"] for m in plan["modules"] if m["reason"].startswith("accuracy budget")}
     consumers = {g.producer: g.consumers for g in LLAMA_FAMILY.groups}
     expected = set()
@@ -82,7 +89,8 @@ def test_accuracy_budget_keeps_the_costliest_groups_float_until_met(tiny_model_d
 
 
 def test_a_budget_already_met_keeps_everything_quantized(tiny_model_dir, corpus, tmp_path):
-    plan, _ = quantize(tiny_model_dir, tmp_path, corpus, "--accuracy-budget", "1000")
+    plan, _ = quantize(tiny_model_dir, tmp_path, corpus, "--accuracy-budget", "kl:1000")
     evidence = json.loads((tmp_path / "accuracy_budget.json").read_text())
-    assert evidence["kept_float"] == [] and evidence["unit_cost_percent"] == {}
+    assert evidence["kept_float"] == [] and evidence["unit_cost"] == {} and evidence["met"]
+    assert evidence["final"] == evidence["all_quantized"] and evidence["all_quantized"]["kl_mean"] > 0
     assert all(m["status"] == "quantized" for m in plan["modules"] if m["name"].startswith("model.layers"))
