@@ -1,4 +1,4 @@
-"""Token windows for calibration and evaluation: from a text/jsonl file or sampled from the model itself.
+"""Token windows for calibration and evaluation: from a text source (sources.py) or sampled from the model itself.
 
 Protocol (shared/data/README.md): non-overlapping windows of `seq_len` tokens; when calibration and evaluation
 come from the same source, evaluation takes the FIRST windows and calibration the LAST ones, never overlapping.
@@ -7,7 +7,6 @@ come from the same source, evaluation takes the FIRST windows and calibration th
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from calibration import CalibrationError
+from calibration.sources import is_dataset, source_text
 
 
 SYNTHETIC = "synthetic"
@@ -61,48 +61,16 @@ def windows_digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def read_text(path: Path) -> str:
-    """Read a .txt file or the "text" fields of a .jsonl file, refusing binary or non-UTF-8 content."""
-    if not path.is_file():
-        raise CalibrationError(f"calibration file '{path}' does not exist: pass an existing .txt/.jsonl file or 'synthetic'")
-    raw = path.read_bytes()
-    if b"\x00" in raw:
-        raise CalibrationError(f"calibration file '{path}' looks binary (NUL bytes): pass UTF-8 text or .jsonl")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CalibrationError(f"calibration file '{path}' is not UTF-8 (byte {e.start}): re-encode it as UTF-8") from None
-    if path.suffix == ".jsonl":
-        text = _jsonl_text(path, text)
-    if not text.strip():
-        raise CalibrationError(f"calibration file '{path}' is empty: pass a file with text in it")
-    return text
-
-
-def _jsonl_text(path: Path, text: str) -> str:
-    parts = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise CalibrationError(f"{path}:{lineno}: not valid JSON: each line must be an object with a 'text' field") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise CalibrationError(f"{path}:{lineno}: missing string field 'text': each line must be {{\"text\": ...}}")
-        parts.append(record["text"])
-    return "\n\n".join(parts)
-
-
 def cut_windows(token_ids: list[int] | np.ndarray, seq_len: int) -> np.ndarray:
     ids = np.asarray(token_ids, dtype=np.int64)
     n = len(ids) // seq_len
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
-def file_windows(tokenizer, path: Path, seq_len: int) -> np.ndarray:
-    # No special tokens: windows are plain slices of the running text, as in the perplexity protocol.
-    ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
+def file_windows(tokenizer, source: str, seq_len: int, chat_template: bool = False) -> np.ndarray:
+    # No special tokens added: windows are plain slices of the running text, as in the perplexity protocol (a chat
+    # template writes its own special tokens into the text).
+    ids = tokenizer(source_text(source, tokenizer, chat_template), add_special_tokens=False)["input_ids"]
     return cut_windows(ids, seq_len)
 
 
@@ -153,17 +121,25 @@ def synthetic_windows(model, tokenizer, n: int, seq_len: int, seed: int, batch_s
     return np.stack(rows).astype(np.int64)
 
 
+def same_source(a: str, b: str | None) -> bool:
+    if b is None or SYNTHETIC in (a, b):
+        return False
+    return a == b if is_dataset(a) or is_dataset(b) else Path(a).resolve() == Path(b).resolve()
+
+
 def build_windows(model, tokenizer, calib_source: str, eval_source: str | None, n_calib: int, n_holdout: int,
-                  n_eval: int, seq_len: int, seed: int) -> TokenWindows:
+                  n_eval: int, seq_len: int, seed: int, chat_template: bool = False) -> TokenWindows:
     """Calibration, holdout and evaluation windows.
 
     The holdout slice comes from the calibration source, just before the calibration windows: tuning (alpha grid,
     accuracy budget) is scored on it, never on the evaluation text and never on the windows the statistics saw.
+    chat_template renders the calibration source with the model's chat template (evaluation windows cut from the
+    same source are rendered too; a separate evaluation file stays plain text, as the perplexity protocol reads it).
     """
     n_source = n_calib + n_holdout
-    same_file = (eval_source is not None and calib_source != SYNTHETIC
-                 and Path(eval_source).resolve() == Path(calib_source).resolve())
-    calib_origin = f"{calib_source}: last {n_calib} windows (holdout: the {n_holdout} before them)"
+    same_file = same_source(calib_source, eval_source)
+    rendered = " rendered with the chat template" if chat_template else ""
+    calib_origin = f"{calib_source}{rendered}: last {n_calib} windows (holdout: the {n_holdout} before them)"
     if calib_source == SYNTHETIC:
         sampled = synthetic_windows(model, tokenizer, n_source + (n_eval if eval_source is None else 0), seq_len, seed)
         source = sampled[:n_source]
@@ -172,13 +148,13 @@ def build_windows(model, tokenizer, calib_source: str, eval_source: str | None, 
             return TokenWindows(source[n_holdout:], source[:n_holdout], sampled[n_source:], calib_origin,
                                 f"synthetic: {n_eval} further samples, held out from calibration")
     else:
-        windows = file_windows(tokenizer, Path(calib_source), seq_len)
+        windows = file_windows(tokenizer, calib_source, seq_len, chat_template)
         if eval_source is None or same_file:
             source, evaluation = split_same_source(windows, n_source, n_eval, calib_source)
             return TokenWindows(source[n_holdout:], source[:n_holdout], evaluation, calib_origin,
                                 f"{calib_source}: first {n_eval} windows, held out from calibration")
         source = take_windows(windows[::-1], n_source, calib_source, "calibration")[::-1]
-    evaluation = take_windows(file_windows(tokenizer, Path(eval_source), seq_len), n_eval, eval_source, "evaluation")
+    evaluation = take_windows(file_windows(tokenizer, eval_source, seq_len), n_eval, eval_source, "evaluation")
     source = np.ascontiguousarray(source)
     return TokenWindows(source[n_holdout:], source[:n_holdout], evaluation, calib_origin,
                         f"{eval_source}: first {n_eval} windows")

@@ -45,7 +45,12 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     d_cal, d_q, d_b = CalibrationConfig(), QuantConfig(), BuildConfig()
     p.add_argument("--model", default="smollm2-135m", help="hub id, local HF folder, .gguf file or alias")
     p.add_argument("--out", default=None, help="output folder (default build/<model-name>)")
-    p.add_argument("--calib", default=d_cal.source, help="calibration .txt/.jsonl file, or 'synthetic'")
+    p.add_argument("--calib", default=d_cal.source,
+                   help="calibration .txt/.jsonl file, a Hugging Face dataset hf:<name>[:<config>[:<split>]], or "
+                        "'synthetic' (text sampled from the model)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render each calibration record (jsonl 'messages' or 'text', a .txt paragraph) with the "
+                        "model's chat template before tokenizing")
     p.add_argument("--eval", default=None, help="evaluation text (default: held-out windows of the calibration source)")
     p.add_argument("--calib-windows", type=int, default=d_cal.windows)
     p.add_argument("--eval-windows", type=int, default=d_cal.eval_windows)
@@ -187,7 +192,8 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         model=args.model,
         out=out,
         calibration=CalibrationConfig(args.calib, args.eval, args.calib_windows, args.holdout_windows,
-                                      args.eval_windows, args.seq_len, args.seed, args.batch_size),
+                                      args.eval_windows, args.seq_len, args.seed, args.batch_size,
+                                      args.chat_template),
         quant=QuantConfig(args.alpha, not args.no_smooth, tuple(args.include), skip_globs(args),
                           args.range_estimator, args.percentile, accuracy_budget=args.accuracy_budget,
                           scheme=args.quant, group_size=args.group_size, damp=args.damp,

@@ -22,11 +22,15 @@ class CalibrationConfig:
     seq_len: int = 512
     seed: int = 0
     batch_size: int = 4
+    chat_template: bool = False  # render the calibration records with the model's chat template
 
     def __post_init__(self):
         for name in ("windows", "holdout_windows", "eval_windows", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.chat_template and self.source == "synthetic":
+            raise PipelineError("--chat-template renders a calibration file or dataset, and CALIB is synthetic: pass "
+                                "CALIB=<.txt | .jsonl | hf:dataset> or drop --chat-template")
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def calibrate(run: Run) -> None:
         return
     model, tokenizer, spec = run.model()
     windows = build_windows(model, tokenizer, cfg.source, cfg.eval_source, cfg.windows, cfg.holdout_windows,
-                            cfg.eval_windows, cfg.seq_len, cfg.seed)
+                            cfg.eval_windows, cfg.seq_len, cfg.seed, cfg.chat_template)
     data_check = check_windows(windows.calibration, windows.holdout, windows.evaluation, model.config.vocab_size)
     for warning in data_check.warnings:
         log.warning("calibration data: %s", warning)

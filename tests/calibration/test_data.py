@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from calibration import CalibrationError
-from calibration.data import build_windows, cut_windows, read_text, split_same_source
+from calibration.data import build_windows, cut_windows, split_same_source
+from calibration.sources import source_text
 
 
 def test_same_source_split_follows_the_protocol():
@@ -27,22 +28,22 @@ def test_bad_calibration_files(tmp_path, content, message):
     path = tmp_path / "calib.txt"
     path.write_bytes(content)
     with pytest.raises(CalibrationError, match=message):
-        read_text(path)
+        source_text(str(path), None, chat=False)
 
 
 def test_jsonl_needs_text_fields(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"text": "alpha"}\n\n{"text": "beta"}\n')
-    assert read_text(good) == "alpha\n\nbeta"
+    assert source_text(str(good), None, chat=False) == "alpha\n\nbeta"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "alpha"}\n{"body": "beta"}\n')
     with pytest.raises(CalibrationError, match="bad.jsonl:2: missing string field 'text'"):
-        read_text(bad)
+        source_text(str(bad), None, chat=False)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(CalibrationError, match="does not exist"):
-        read_text(tmp_path / "nope.txt")
+        source_text(str(tmp_path / "nope.txt"), None, chat=False)
 
 
 def test_file_windows_are_token_slices(tokenizer, corpus):
