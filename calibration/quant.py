@@ -54,6 +54,8 @@ class ModuleEntry:
     output_error: float | None = None  # GPTQ: ||W X_f - Q X||^2 / ||W X_f||^2 on the calibration rows
     rtn_output_error: float | None = None  # the same for round-to-nearest, for comparison
     damp: float | None = None  # GPTQ dampening finally used (more than asked when H was not positive definite)
+    clip_ratio_mean: float | None = None  # --weight-clip mse: mean of the rows' clipping ratios (1.0: none clipped)
+    clipped_rows: int | None = None  # rows whose INT8 scale maps less than their max|w| to 127
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from calibration import CalibrationError
 from calibration.quant import activation_scale, fake_quant_activation
+from calibration.stats import observe_inputs
 
 ESTIMATORS = ("max", "percentile", "mse")
 HISTOGRAM_BINS = 4096
@@ -72,17 +72,7 @@ def estimate_ranges(model: torch.nn.Module, absmax: dict[str, float], windows: n
     if estimator == "max":
         return {name: o.result() for name, o in observers.items()}
 
-    def make_hook(observer: RangeObserver):
-        def hook(_module, args):
-            observer.observe(args[0].detach().reshape(-1, args[0].shape[-1]))
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(make_hook(o)) for name, o in observers.items()]
-    try:
-        ids = torch.from_numpy(windows)
-        for start in tqdm(range(0, len(ids), batch_size), desc=f"{estimator} ranges", unit="batch"):
-            model(input_ids=ids[start : start + batch_size], use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
+    linears = {name: model.get_submodule(name) for name in observers}
+    observe_inputs(model, linears, windows, batch_size, lambda name, x: observers[name].observe(x),
+                   f"{estimator} ranges")
     return {name: o.result() for name, o in observers.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,29 +31,35 @@ def quantizable_linears(model: torch.nn.Module, spec: ArchitectureSpec) -> dict[
 
 
 @torch.no_grad()
-def collect_input_absmax(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], windows: np.ndarray,
-                         batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """Run the windows through the model; return fp32 per-input-channel max|x| for each linear."""
-    absmax: dict[str, torch.Tensor] = {}
-
+def observe_inputs(model: torch.nn.Module, linears: dict[str, torch.nn.Module], windows: np.ndarray, batch_size: int,
+                   observe: Callable[[str, torch.Tensor], None], desc: str) -> None:
+    """Run the windows through the model, handing each linear's input ([tokens, in_features]) to observe(name, x)."""
     def make_hook(name: str):
-        def hook(_module, args):
-            x = args[0]
-            cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-            prev = absmax.get(name)
-            # fmax would drop NaNs; maximum keeps them so non-finite activations are reported below.
-            absmax[name] = cur if prev is None else torch.maximum(prev, cur)
-        return hook
+        return lambda _module, args: observe(name, args[0].detach().reshape(-1, args[0].shape[-1]))
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
     try:
         ids = torch.from_numpy(windows)
-        for start in tqdm(range(0, len(ids), batch_size), desc="calibrating", unit="batch"):
+        for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch"):
             # logits_to_keep=1: the lm_head is not calibrated, so skip most of its cost.
             model(input_ids=ids[start : start + batch_size], use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
+
+
+def collect_input_absmax(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], windows: np.ndarray,
+                         batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Run the windows through the model; return fp32 per-input-channel max|x| for each linear."""
+    absmax: dict[str, torch.Tensor] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        cur = x.abs().amax(dim=0).float()
+        prev = absmax.get(name)
+        # fmax would drop NaNs; maximum keeps them so non-finite activations are reported below.
+        absmax[name] = cur if prev is None else torch.maximum(prev, cur)
+
+    observe_inputs(model, linears, windows, batch_size, observe, "calibrating")
     check_finite(absmax)
     return absmax
 

@@ -13,7 +13,8 @@ from calibration import CalibrationError
 from exporters import ExportError
 from pipeline import PipelineError
 from pipeline.accuracy_target import Target
-from pipeline.config import RANGE_ESTIMATORS, SCHEMES, BuildConfig, CalibrationConfig, ExportConfig, QuantConfig, RunConfig
+from pipeline.config import (RANGE_ESTIMATORS, SCHEMES, WEIGHT_CLIPS, BuildConfig, CalibrationConfig, ExportConfig,
+                             QuantConfig, RunConfig)
 from trt_builder import BuildError
 
 USER_ERRORS = (PipelineError, CalibrationError, ExportError, BuildError)
@@ -73,6 +74,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                         "on calibration inputs) or 'grid' (best global value on the holdout windows)")
     p.add_argument("--range-estimator", default=d_q.range_estimator, choices=RANGE_ESTIMATORS,
                    help="activation range: calibration max, a percentile of |x|, or the MSE-optimal clipping")
+    p.add_argument("--weight-clip", default=d_q.weight_clip, choices=WEIGHT_CLIPS,
+                   help="INT8 weights (QUANT=w8a8): 'mse' clips each row where that lowers its input-power-weighted "
+                        "error on calibration inputs; 'none' maps each row's max|w| to 127")
     p.add_argument("--percentile", type=float, default=d_q.percentile, help="percentile for --range-estimator percentile")
     p.add_argument("--accuracy-budget", default=None, metavar="TARGET",
                    help="ppl:<percent> (or just <percent>) or kl:<nats>: keep the fewest activation groups float so "
@@ -197,7 +201,8 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         quant=QuantConfig(args.alpha, not args.no_smooth, tuple(args.include), skip_globs(args),
                           args.range_estimator, args.percentile, accuracy_budget=args.accuracy_budget,
                           scheme=args.quant, group_size=args.group_size, damp=args.damp,
-                          act_order=not args.no_act_order, float_target=not args.no_float_target),
+                          act_order=not args.no_act_order, float_target=not args.no_float_target,
+                          weight_clip=args.weight_clip),
         export=ExportConfig(kv_cache_int8=args.kv_cache_int8),
         build=BuildConfig(max_batch=args.max_batch, max_input_len=args.max_input_len, max_seq_len=args.max_seq_len,
                           require_plan=args.require_plan),

@@ -50,6 +50,7 @@ SCHEMES = {
 }
 ALPHA_MODES = ("auto", "grid")
 RANGE_ESTIMATORS = ("max", "percentile", "mse")
+WEIGHT_CLIPS = ("none", "mse")  # calibration/weight_clip.py
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class QuantConfig:
     damp: float = 0.01  # GPTQ dampening, a fraction of the Hessian's mean diagonal
     act_order: bool = True  # GPTQ visits columns by decreasing Hessian diagonal (static groups)
     float_target: bool = True  # GPTQ fits each layer to the float model's output, compensating upstream error
+    weight_clip: str = "none"  # "mse": per-row INT8 weight clipping weighted by input power (RTN W8A8 only)
 
     @property
     def recipe(self) -> Scheme:
@@ -95,6 +97,11 @@ class QuantConfig:
             raise PipelineError(f"percentile must be within (0, 100] (got {self.percentile}): try 99.99")
         if self.accuracy_budget is not None:  # normalised ("1" -> "ppl:1"), so equal targets give equal stage keys
             object.__setattr__(self, "accuracy_budget", str(Target.parse(self.accuracy_budget, "--accuracy-budget")))
+        if self.weight_clip not in WEIGHT_CLIPS:
+            raise PipelineError(f"unknown weight clipping '{self.weight_clip}': choose one of {', '.join(WEIGHT_CLIPS)}")
+        if self.weight_clip != "none" and self.scheme != "w8a8":
+            raise PipelineError(f"--weight-clip {self.weight_clip} applies to the round-to-nearest INT8 weights of "
+                                f"QUANT=w8a8, not {self.scheme} (GPTQ chooses its own rounding): drop it")
         if self.search_windows < 1:
             raise PipelineError(f"search_windows must be at least 1 (got {self.search_windows})")
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from calibration.gptq import QuantizedWeight, rtn
 from calibration.quant import QuantPlan, select_modules, weight_only_plan
 from calibration.sequential import GptqSettings, LinearOutcome, gptq_sequential
 from calibration.stats import quantizable_linears
+from calibration.weight_clip import clipped_int8, input_power
 from pipeline.config import QuantConfig
 
 # Kept float by default: the embedding is a lookup (no GEMM) and the vocab projection is the most sensitive GEMM.
@@ -32,17 +34,22 @@ def integer_weights(model, spec, plan: QuantPlan | None, cfg: QuantConfig, calib
     settings = GptqSettings(recipe.weight_bits, -1 if int8 else cfg.group_size, cfg.damp, cfg.act_order,
                             fp16_scales=not int8, float_target=cfg.float_target)
     method = "imported" if imported is not None else recipe.weight_method
+    clip_ratios: dict[str, torch.Tensor] = {}
     if imported is not None:
         outcomes = {n: imported[n] for n in selected if n in imported}
         selected = list(outcomes)
         reasons.update({n: "not quantized in the GPTQ checkpoint" for n in names if n not in imported})
     elif method == "gptq":
         outcomes = gptq_sequential(model, spec, set(selected), calibration, batch, settings)
+    elif cfg.weight_clip == "mse":
+        power = input_power(model, selected, calibration[: cfg.search_windows], batch)
+        clipped = {n: clipped_int8(model.get_submodule(n).weight, power[n]) for n in selected}
+        outcomes, clip_ratios = {n: c[0] for n, c in clipped.items()}, {n: c[1] for n, c in clipped.items()}
     else:
         outcomes = {n: rtn(model.get_submodule(n).weight, settings.bits, settings.group_size, settings.fp16_scales)
                     for n in selected}
     weights = {n: o.result.weight if isinstance(o, LinearOutcome) else o for n, o in outcomes.items()}
-    entries = {n: weight_fields(weights[n], method, outcomes[n]) for n in selected}
+    entries = {n: weight_fields(weights[n], method, outcomes[n], clip_ratios.get(n)) for n in selected}
     if int8:
         return weights, replace(plan, modules=tuple(replace(m, **entries.get(m.name, {})) for m in plan.modules))
     label = (f"w{recipe.weight_bits}a16: int{recipe.weight_bits} {method} weights"
@@ -51,10 +58,12 @@ def integer_weights(model, spec, plan: QuantPlan | None, cfg: QuantConfig, calib
     return weights, weight_only_plan(reasons, label, entries, FLOAT_MODULES)
 
 
-def weight_fields(q: QuantizedWeight, method: str, outcome) -> dict:
+def weight_fields(q: QuantizedWeight, method: str, outcome, clip_ratios: torch.Tensor | None) -> dict:
     fields = {"weight_bits": q.bits, "group_size": q.group_size, "weight_method": method,
               "weight_scale_min": float(q.scales.min()), "weight_scale_max": float(q.scales.max())}
     if isinstance(outcome, LinearOutcome):
         fields.update(output_error=outcome.output_error, rtn_output_error=outcome.rtn_output_error,
                       damp=outcome.result.damp_used)
+    if clip_ratios is not None:
+        fields.update(clip_ratio_mean=float(clip_ratios.mean()), clipped_rows=int((clip_ratios < 1).sum()))
     return fields

@@ -3,10 +3,13 @@
 import json
 
 import pytest
+import torch
 
 from calibration.alpha_search import DEFAULT_GRID
 from calibration.architectures import LLAMA_FAMILY
-from pipeline.cli import run
+from calibration.gptq import load_quantized
+from pipeline import stages
+from pipeline.cli import config_from, parser, run
 from tests.pipeline.test_cli import SMALL
 
 
@@ -49,12 +52,31 @@ def test_percentile_ranges_clip_and_are_recorded(tiny_model_dir, corpus, tmp_pat
     assert all(p <= m for m, p in pairs) and any(p < 0.9 * m for m, p in pairs)
 
 
+def test_weight_clipping_is_recorded_and_stored(tiny_model_dir, corpus, tmp_path):
+    argv = ["--alpha", "0.8", "--weight-clip", "mse"]
+    plan, _ = quantize(tiny_model_dir, tmp_path, corpus, *argv)
+    weights = load_quantized(tmp_path / "quantized_weights.safetensors")
+    quantized = [m for m in plan["modules"] if m["status"] == "quantized"]
+    assert len(quantized) == 14 and all(0.5 <= m["clip_ratio_mean"] <= 1.0 for m in quantized)
+    assert sum(m["clipped_rows"] for m in quantized) > 0  # the tiny model has rows worth clipping
+    args = parser().parse_args(["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--calib",
+                                str(corpus), *SMALL, *argv])
+    smoothed, _ = stages.smoothed_model(stages.Run(config_from(args)))
+    for m in quantized:
+        q, w = weights[m["name"]], smoothed.get_submodule(m["name"]).weight
+        row_max = w.abs().amax(dim=1) / 127
+        clipped = q.scales[:, 0] < row_max * (1 - 1e-6)
+        assert int(clipped.sum()) == m["clipped_rows"]  # the stored scales are the clipped ones
+        assert torch.all(q.scales[:, 0] <= row_max * (1 + 1e-6))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--alpha", "best"], "ALPHA must be a number within [0, 1], 'auto' or 'grid' (got 'best')"),
     (["--percentile", "0"], "percentile must be within (0, 100]"),
     (["--holdout-windows", "0"], "holdout_windows must be at least 1"),
     (["--accuracy-budget", "kl:-1"], "--accuracy-budget 'kl:-1' is not a target: write ppl:<percent>"),
     (["--accuracy-budget", "top1:99"], "--accuracy-budget 'top1:99' is not a target"),
+    (["--weight-clip", "mse", "--quant", "w8a8-gptq"], "--weight-clip mse applies to the round-to-nearest INT8 weights"),
 ])
 def test_bad_tuning_options_are_one_line_errors(tiny_model_dir, corpus, tmp_path, capsys, argv, message):
     code = run(["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--calib", str(corpus), *argv])

@@ -1,0 +1,52 @@
+"""Per-output-channel clipping of INT8 weights: the scale of each row maps ratio * max|w| to 127 instead of max|w|,
+with the ratio chosen to minimise the row's output error on calibration inputs.
+
+For one row w and inputs x, E[(x . (w - q))^2] ~ sum_j E[x_j^2] (w_j - q_j)^2 when channels are uncorrelated (the
+diagonal of GPTQ's Hessian). Weighting by E[x_j^2] matters after smoothing: the weight columns that absorbed an
+outlier channel are the largest in their rows, and clipping them would undo the smoothing; an unweighted MSE
+search (Model Optimizer's and Banner et al.'s weight MSE) would clip exactly those.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from calibration.gptq import QuantizedWeight, group_scales, quantize_columns
+from calibration.stats import observe_inputs
+
+CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))  # 1.00 .. 0.50
+
+
+def clipping_errors(weight: torch.Tensor, input_power: torch.Tensor, ratios: tuple[float, ...]) -> torch.Tensor:
+    """[rows, ratios]: sum_j input_power_j (w_j - Q(w_j))^2 of every row at every clipping ratio (INT8, symmetric)."""
+    w = weight.double()
+    base = group_scales(weight, 8, -1, fp16_scales=False).double()  # [rows, 1]
+    errors = [((w - quantize_columns(w, base * r, 8) * base * r) ** 2 * input_power.double()).sum(dim=1)
+              for r in ratios]
+    return torch.stack(errors, dim=1)
+
+
+def clipped_int8(weight: torch.Tensor, input_power: torch.Tensor,
+                 ratios: tuple[float, ...] = CLIP_RATIOS) -> tuple[QuantizedWeight, torch.Tensor]:
+    """Per-channel INT8 weight with each row's best clipping ratio, and the ratios chosen (1.0: no clipping wins
+    ties, so a row is only clipped when that measurably lowers its error)."""
+    errors = clipping_errors(weight, input_power, ratios)
+    best = torch.tensor(ratios, dtype=torch.float64)[errors.argmin(dim=1)]
+    scales = (group_scales(weight, 8, -1, fp16_scales=False).double() * best[:, None]).float()
+    codes = quantize_columns(weight.float(), scales, 8)
+    return QuantizedWeight(codes.to(torch.int8), scales, 8, weight.shape[1]), best.float()
+
+
+def input_power(model: torch.nn.Module, names: list[str], windows: np.ndarray, batch_size: int) -> dict[str, torch.Tensor]:
+    """Linear name -> E[x_j^2] per input channel of its (smoothed, float) inputs over `windows`."""
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        sums[name] = sums.get(name, 0) + x.double().pow(2).sum(dim=0)
+        rows[name] = rows.get(name, 0) + x.shape[0]
+
+    observe_inputs(model, {n: model.get_submodule(n) for n in names}, windows, batch_size, observe,
+                   "input power for weight clipping")
+    return {n: (sums[n] / rows[n]).float() for n in names}
