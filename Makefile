@@ -18,6 +18,7 @@ MAX_INPUT_LEN ?= 512
 MAX_SEQ_LEN   ?= 1024
 PORT          ?= 8000
 KV_INT8       ?=
+INT8_ATTENTION ?=
 SKIP_FILE     ?=
 CHAT_TEMPLATE ?=
 BISECT        ?=
@@ -26,7 +27,7 @@ ENGINE_DIR = $(or $(OUT),build/$(basename $(notdir $(MODEL))))
 ARGS = --model $(MODEL) --calib $(CALIB) --quant $(QUANT) --group-size $(GROUP_SIZE) --alpha $(ALPHA) --range-estimator $(RANGE) --weight-clip $(WEIGHT_CLIP) \
        --calib-windows $(CALIB_WINDOWS) --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN) \
        --max-batch $(MAX_BATCH) --max-input-len $(MAX_INPUT_LEN) --max-seq-len $(MAX_SEQ_LEN) \
-       $(if $(filter 1,$(KV_INT8)),--kv-cache-int8) $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET)) \
+       $(if $(filter 1,$(KV_INT8)),--kv-cache-int8) $(if $(filter 1,$(INT8_ATTENTION)),--int8-attention) $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET)) \
        $(if $(SKIP_FILE),--skip-file $(SKIP_FILE)) $(if $(filter 1,$(CHAT_TEMPLATE)),--chat-template)
 
 .PHONY: setup engine calibrate quantize export build verify report serve triton bench test

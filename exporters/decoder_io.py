@@ -97,3 +97,14 @@ class DecoderShape:
         mask = np.concatenate([np.zeros((ids.shape[0], reserved_slots), np.int64), np.ones_like(ids)], axis=1)
         return {IDS: ids, MASK: mask, POSITIONS: np.ascontiguousarray(positions),
                 **{name: empty for name in self.past_names}}
+
+
+def observe_absmax(session, names: list[str], windows: np.ndarray) -> dict[str, float]:
+    """Absmax of the named outputs of an ONNX Runtime decoder session over calibration windows (one prefill each,
+    no past): the ranges static per-tensor scales are cut from."""
+    shape = DecoderShape.from_session(session)
+    absmax = dict.fromkeys(names, 0.0)
+    for window in windows:
+        for name, value in zip(names, session.run(names, shape.prefill_feed(window[None, :]))):
+            absmax[name] = max(absmax[name], float(np.abs(value).max()))
+    return absmax

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from exporters import ExportError
-from exporters.decoder_io import DecoderShape
+from exporters.decoder_io import DecoderShape, observe_absmax
 from exporters.naming import SCOPE
 from exporters.qdq import add_initializer
 
@@ -72,10 +72,4 @@ def observe_kv_absmax(session, windows: np.ndarray) -> dict[str, float]:
     """Absmax of every present output of an ONNX Runtime decoder session over calibration windows (prefill, no
     past). Observed on the Q/DQ graph itself: SmoothQuant folds o_proj's factors into V's rows, and quantized
     q/k/v projections shift K and V, so the float model's cache has other ranges."""
-    shape = DecoderShape.from_session(session)
-    absmax = dict.fromkeys(shape.present_names, 0.0)
-    for window in windows:
-        outputs = session.run(shape.present_names, shape.prefill_feed(window[None, :]))
-        for name, value in zip(shape.present_names, outputs):
-            absmax[name] = max(absmax[name], float(np.abs(value).max()))
-    return absmax
+    return observe_absmax(session, DecoderShape.from_session(session).present_names, windows)

@@ -91,6 +91,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                         "written by `report --bisect`")
     p.add_argument("--kv-cache-int8", action="store_true",
                    help="INT8 KV cache: past/present as INT8 with calibrated per-tensor scales (default: float)")
+    p.add_argument("--int8-attention", action="store_true",
+                   help="INT8 attention matmuls (SmoothQuant O3): Q/DQ with calibrated per-tensor scales on both "
+                        "inputs of QK^T and PV (default: float)")
     p.add_argument("--max-batch", type=int, default=d_b.max_batch, help="TensorRT profile max batch")
     p.add_argument("--max-input-len", type=int, default=d_b.max_input_len, help="TensorRT prefill profile: longest prompt")
     p.add_argument("--max-seq-len", type=int, default=d_b.max_seq_len,
@@ -203,7 +206,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
                           scheme=args.quant, group_size=args.group_size, damp=args.damp,
                           act_order=not args.no_act_order, float_target=not args.no_float_target,
                           weight_clip=args.weight_clip),
-        export=ExportConfig(kv_cache_int8=args.kv_cache_int8),
+        export=ExportConfig(kv_cache_int8=args.kv_cache_int8, int8_attention=args.int8_attention),
         build=BuildConfig(max_batch=args.max_batch, max_input_len=args.max_input_len, max_seq_len=args.max_seq_len,
                           require_plan=args.require_plan),
     )

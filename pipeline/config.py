@@ -113,6 +113,8 @@ class ExportConfig:
     external_data_threshold: int = TWO_GIB
     # INT8 past/present with calibrated per-tensor scales (exporters/kv_quant.py); off: the cache stays float.
     kv_cache_int8: bool = False
+    # Q/DQ on both inputs of Q K^T and P V (SmoothQuant O3; exporters/attention_qdq.py); off: attention stays float.
+    int8_attention: bool = False
 
 
 @dataclass(frozen=True)

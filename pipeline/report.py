@@ -15,8 +15,9 @@ FAITHFUL_COSINE = 0.999  # the Q/DQ graph must reproduce the PyTorch simulation 
 FAITHFUL_COSINE_WEIGHT_ONLY = 0.9999
 
 
-FAITHFUL_WORDS = {True: "yes", False: "NO", None: "not judged (INT8 KV cache: the PyTorch simulation keeps a float "
-                                                   "cache, so the difference includes the cache's rounding)"}
+FAITHFUL_WORDS = {True: "yes", False: "NO", None: "not judged (INT8 KV cache or INT8 attention matmuls: the PyTorch "
+                                                   "simulation keeps them float, so the difference includes their "
+                                                   "rounding)"}
 
 
 def faithful(quantized_vs_sim: dict, weight_only: bool = False) -> bool:
@@ -92,6 +93,7 @@ def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: d
         "model": config.model,
         "scheme": config.quant.scheme,
         "kv_cache": "int8" if config.export.kv_cache_int8 else "float",
+        "attention_matmuls": "int8" if config.export.int8_attention else "float",
         "recipe": plan.recipe,
         "alpha": plan.alpha,
         "smoothing": config.quant.smooth and not weight_only,
@@ -127,9 +129,10 @@ def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: d
             "quantized_onnx_vs_pytorch_fake_quant": quantized_vs_sim,
             "threshold_cosine": FAITHFUL_COSINE_WEIGHT_ONLY if weight_only else FAITHFUL_COSINE,
             "noise_floor_allowance": not weight_only,
-            # The PyTorch simulation has no INT8 KV cache: with one, the comparison also holds the cache's own
-            # rounding, so no verdict on the export is possible from it.
-            "faithful": None if config.export.kv_cache_int8 else faithful(quantized_vs_sim, weight_only),
+            # The PyTorch simulation has no INT8 KV cache and no INT8 attention matmuls: with either, the comparison
+            # also holds their own rounding, so no verdict on the export is possible from it.
+            "faithful": None if config.export.kv_cache_int8 or config.export.int8_attention
+            else faithful(quantized_vs_sim, weight_only),
         },
         "tensorrt_fp16_graph_on_onnxruntime": floors["fp16_qdq_vs_reference"],
         "generation": generation,

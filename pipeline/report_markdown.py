@@ -34,7 +34,8 @@ def render_markdown(r: dict, images: list[str]) -> str:
         f"Recipe: {r['recipe']}; SmoothQuant {'on, alpha ' + str(r['alpha']) if r['smoothing'] else 'off'}; "
         f"{r['modules']['quantized']} linears quantized, {r['modules']['skipped']} skipped, "
         f"{r['modules']['float']} modules float; KV cache {r['kv_cache']}"
-        f"{' (per-tensor scales, past/present INT8)' if r['kv_cache'] == 'int8' else ''}.",
+        f"{' (per-tensor scales, past/present INT8)' if r['kv_cache'] == 'int8' else ''}; attention matmuls "
+        f"{r.get('attention_matmuls', 'float')}.",
         "",
         _tuning_line(r["tuning"]),
         "",

@@ -23,6 +23,8 @@ from calibration.quant import QuantPlan, fake_quantized
 from calibration.recipe import smooth_and_plan
 from calibration.smoothing import apply_factors
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
+from exporters.attention_qdq import operand_names, probe_graph, quantize_attention
+from exporters.decoder_io import observe_absmax
 from exporters.kv_quant import kv_scales, observe_kv_absmax, quantize_kv_cache
 from exporters.gptq_checkpoint import quantization_config, write_checkpoint
 from exporters.lint import check_onnx_file, lint_or_raise
@@ -56,6 +58,7 @@ REFERENCE_ENGINE = "reference.fp16.plan"  # FP16 plan of the float model: Tensor
 ALPHA_CHOICE = "alpha_choice.json"
 BUDGET = "accuracy_budget.json"
 KV_SCALES = "kv_cache_scales.json"
+ATTENTION_RANGES = "attention_ranges.json"
 VERIFICATION = "verification.json"  # everything verify measured; the report adds analysis of saved artifacts
 LAYERWISE = "layerwise.json"
 LAYERWISE_CHANNELS = "layerwise_channels.npz"  # per-module channel absmax before/after smoothing
@@ -218,6 +221,20 @@ def save_onnx(graph: ir.Model, path: Path, threshold: int) -> None:
         os.replace(tmp / path.name, path)
 
 
+def calibrate_attention(run: Run, graph: ir.Model) -> dict[str, float]:
+    """Absmax of every attention matmul operand in the FP32 Q/DQ graph on the first calibration windows (saved)."""
+    import onnxruntime as ort
+
+    windows = np.load(run.path(WINDOWS))["calibration"][:KV_CALIBRATION_WINDOWS]
+    probe, names = probe_graph(graph), list(dict.fromkeys(operand_names(graph)))
+    log.info("export: INT8 attention matmuls, observing %d operand ranges on %d calibration windows", len(names),
+             len(windows))
+    session = ort.InferenceSession(ir.to_proto(probe).SerializeToString(), providers=["CPUExecutionProvider"])
+    absmax = observe_absmax(session, names, windows)
+    write_json(run.path(ATTENTION_RANGES), absmax)
+    return absmax
+
+
 def calibrate_kv_cache(run: Run, graph: ir.Model) -> dict[str, float]:
     """Per-tensor KV scales from the FP32 Q/DQ graph on the first calibration windows (saved in OUT)."""
     import onnxruntime as ort
@@ -248,7 +265,7 @@ def export(run: Run) -> None:
     model, _ = smoothed_model(run)
     linears = linear_quantizations(plan, load_quantized(run.path(WEIGHTS)))
     outputs = [REFERENCE, REFERENCE_FP16] + [f"{TOKENIZER}/{p.name}" for p in sorted(run.path(TOKENIZER).iterdir())]
-    kv_scales_found = None
+    kv_scales_found = attention_ranges = None
     for dtype, scale_dtype, name in ((torch.float32, np.float32, QUANTIZED), (torch.float16, np.float16, QUANTIZED_FP16)):
         log.info("export: %s (%s graph, %d quantized linears)", name, dtype, len(linears))
         graph = export_model(model, dtype, cfg.opset, names)
@@ -256,6 +273,9 @@ def export(run: Run) -> None:
         if cfg.kv_cache_int8:
             kv_scales_found = kv_scales_found or calibrate_kv_cache(run, graph)
             quantize_kv_cache(graph, kv_scales_found, scale_dtype)
+        if cfg.int8_attention:
+            attention_ranges = attention_ranges or calibrate_attention(run, graph)
+            quantize_attention(graph, attention_ranges, scale_dtype)
         lint_or_raise(graph, name)
         if name == QUANTIZED:
             write_json(run.path(MODULE_MAP), module_node_map(graph))
@@ -270,6 +290,8 @@ def export(run: Run) -> None:
         outputs += [f"{CHECKPOINT}/{p.name}" for p in sorted(run.path(CHECKPOINT).iterdir())]
     if cfg.kv_cache_int8:
         outputs.append(KV_SCALES)
+    if cfg.int8_attention:
+        outputs.append(ATTENTION_RANGES)
     run.records.complete("export", key, outputs + [MODULE_MAP])
     run.update_manifest("export", "done", opset=cfg.opset, files=outputs + [MODULE_MAP])
 

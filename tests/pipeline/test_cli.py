@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -168,3 +169,17 @@ def test_int8_kv_cache_option_exports_int8_past_and_verifies(tmp_path, tiny_mode
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["kv_cache"] == "int8" and abs(report["accuracy"]["perplexity_delta_percent"]) < 50
     assert report["export_faithfulness"]["faithful"] is None  # the float-cache simulation cannot judge it
+
+
+def test_int8_attention_option_quantizes_the_attention_matmuls_and_verifies(tmp_path, tiny_model_dir, corpus):
+    assert engine(tiny_model_dir, tmp_path, corpus, "--int8-attention") == 0
+    ranges = json.loads((tmp_path / "attention_ranges.json").read_text())
+    assert len(ranges) == 2 * 2 * 2 and all(v > 0 for v in ranges.values())
+    for name in ("quantized.onnx", "quantized.fp16.onnx"):
+        nodes = list(ir.load(tmp_path / name).graph)
+        assert sum(n.op_type == "QuantizeLinear" and "self_attn/MatMul" in n.name for n in nodes) == 8
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["attention_matmuls"] == "int8" and abs(report["accuracy"]["perplexity_delta_percent"]) < 50
+    assert report["export_faithfulness"]["faithful"] is None  # the simulation's attention is float
+    generation = report["generation"]  # the KV-cache loop runs through the INT8 attention graph
+    assert len(generation["quantized_vs_reference_onnx"]["common_prefix_lengths"]) == 5
