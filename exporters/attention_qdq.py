@@ -15,11 +15,10 @@ KV cache (kv_quant.py): smoothing and the quantized projections shift the ranges
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from exporters.probes import with_outputs
-from exporters.qdq import add_initializer
+from exporters.qdq import insert_qdq_pair
 
 QMAX = 127
 
@@ -55,14 +54,7 @@ def quantize_attention(model: ir.Model, absmax: dict[str, float], scale_dtype: t
     operands = attention_operands(model)
     for node, index in operands:
         value = node.inputs[index]
-        label = f"{node.name}/input{index}"
-        scale_value = absmax[value.name] / QMAX if absmax[value.name] > 0 else 1.0
-        scale = add_initializer(graph, f"{label}.scale", np.array(scale_value, dtype=scale_dtype))
-        zero = add_initializer(graph, f"{label}.zero_point", np.array(0, dtype=np.int8))
-        q = ir.node("QuantizeLinear", [value, scale, zero], name=f"{label}/QuantizeLinear")
-        q.outputs[0].name = f"{label}.quantized"
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{label}/DequantizeLinear")
-        dq.outputs[0].name = f"{label}.dequantized"
-        graph.insert_before(node, [q, dq])
-        node.replace_input_with(index, dq.outputs[0])
+        scale = absmax[value.name] / QMAX if absmax[value.name] > 0 else 1.0
+        insert_qdq_pair(graph, node, index, scale, scale_dtype, f"{node.name}/input{index}", node.name,
+                        f"_input{index}")
     return len(operands)

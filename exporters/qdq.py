@@ -150,15 +150,22 @@ def _quantize_activation(graph: ir.Graph, node: ir.Node, lq: LinearQuantization,
     # GEMMs reading one activation quantize it with one scale: the widest of theirs, so none of them clips more.
     sharing = {u.node.name for u in activation.uses()}
     scale_value = max(x.input_scale for x in linears if matmul_node_name(x.module) in sharing)
-    scope = scope_of(lq.module)
-    scale = add_initializer(graph, f"{lq.module}.input_scale", np.array(scale_value, dtype=scale_dtype))
-    zero = add_initializer(graph, f"{lq.module}.input_zero_point", np.array(0, dtype=np.int8))
-    q = ir.node("QuantizeLinear", [activation, scale, zero], name=f"{scope}/QuantizeLinear_input")
-    q.outputs[0].name = f"{lq.module}.input_quantized"
-    dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{scope}/DequantizeLinear_input")
-    dq.outputs[0].name = f"{lq.module}.input_dequantized"
+    insert_qdq_pair(graph, node, 0, scale_value, scale_dtype, f"{lq.module}.input", scope_of(lq.module), "_input")
+
+
+def insert_qdq_pair(graph: ir.Graph, node: ir.Node, index: int, scale_value: float, scale_dtype: type,
+                    tensor_name: str, node_scope: str, node_suffix: str) -> None:
+    """QuantizeLinear -> DequantizeLinear (INT8, per-tensor scale, zero point 0) in front of input `index` of
+    `node`. Initializers and values are named tensor_name + _scale/_zero_point/_quantized/_dequantized, the nodes
+    node_scope/QuantizeLinear + node_suffix and node_scope/DequantizeLinear + node_suffix."""
+    scale = add_initializer(graph, f"{tensor_name}_scale", np.array(scale_value, dtype=scale_dtype))
+    zero = add_initializer(graph, f"{tensor_name}_zero_point", np.array(0, dtype=np.int8))
+    q = ir.node("QuantizeLinear", [node.inputs[index], scale, zero], name=f"{node_scope}/QuantizeLinear{node_suffix}")
+    q.outputs[0].name = f"{tensor_name}_quantized"
+    dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{node_scope}/DequantizeLinear{node_suffix}")
+    dq.outputs[0].name = f"{tensor_name}_dequantized"
     graph.insert_before(node, [q, dq])
-    node.replace_input_with(0, dq.outputs[0])
+    node.replace_input_with(index, dq.outputs[0])
 
 
 def module_node_map(model: ir.Model) -> dict[str, list[str]]:
