@@ -59,7 +59,7 @@ class HoldoutJudge:
         for ids, reference in zip(self.batches, self.reference_logits):
             logits = self._logits(ids)
             perplexity.add(logits, ids)
-            kl = kl_divergence(reference[:, :-1], logits[:, :-1])  # the positions perplexity scores
+            kl = kl_divergence(reference[:, :-1], logits[:, :-1], torch.float32)  # the positions perplexity scores
             kl_sum, positions = kl_sum + float(kl.sum()), positions + kl.size
         value = perplexity.value()
         return {"perplexity": value, "perplexity_delta_percent": 100 * (value / self.reference_perplexity - 1),

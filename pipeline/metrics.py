@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 
-def _rows(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+def _rows(x: np.ndarray | torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     t = torch.as_tensor(x)
-    return t.reshape(-1, t.shape[-1]).double()
+    return t.reshape(-1, t.shape[-1]).to(dtype)
 
 
 def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
@@ -40,10 +40,12 @@ def snr_db(signal_power: float, error_power: float) -> float | None:
     return 10.0 * math.log10(max(signal_power, 1e-300) / error_power)
 
 
-def kl_divergence(reference_logits, candidate_logits) -> np.ndarray:
-    """KL(p_reference || p_candidate) of the next-token distributions, per position, in nats."""
-    log_p = torch.log_softmax(_rows(reference_logits), dim=-1)
-    log_q = torch.log_softmax(_rows(candidate_logits), dim=-1)
+def kl_divergence(reference_logits, candidate_logits, dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """KL(p_reference || p_candidate) of the next-token distributions, per position, in nats. float32 is 3x faster
+    and agreed with float64 to 1e-8 nats in the mean on 2,044 x 49,152 logits: enough to rank candidates (budget),
+    not to measure a precision floor of ~1e-6 (verify keeps float64)."""
+    log_p = torch.log_softmax(_rows(reference_logits, dtype), dim=-1)
+    log_q = torch.log_softmax(_rows(candidate_logits, dtype), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).numpy()
 
 
