@@ -76,6 +76,9 @@ def gemm_weight(model: ir.Model, module: str) -> np.ndarray:
     """The module's weight as its MatMul multiplies it, [in, out] float32: the initializer, or the integer codes
     through their DequantizeLinear (per output channel, or blocked along the input axis)."""
     weight = {node.name: node for node in model.graph}[matmul_node_name(module)].inputs[1]
+    cast = weight.producer()
+    if cast is not None and cast.op_type == "Cast" and cast.inputs[0].const_value is not None:
+        weight = cast.inputs[0]  # a float weight stored FP16 (qdq.store_float_weights_fp16)
     if weight.const_value is not None:
         return weight.const_value.numpy().astype(np.float32)
     dq = weight.producer()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+import torch
 
 from exporters import ExportError
 from exporters.naming import matmul_node_name, module_of_node, scope_of
@@ -166,6 +167,42 @@ def insert_qdq_pair(graph: ir.Graph, node: ir.Node, index: int, scale_value: flo
     dq.outputs[0].name = f"{tensor_name}_dequantized"
     graph.insert_before(node, [q, dq])
     node.replace_input_with(index, dq.outputs[0])
+
+
+def store_float_weights_fp16(model: ir.Model) -> int:
+    """Store every FP32 weight matrix the graph keeps float (the embedding and a tied or float lm_head, skipped
+    linears) as FP16 behind a Cast to FP32, in place; returns the bytes saved. Computation stays FP32: ONNX Runtime
+    folds the Cast at session creation. On SmolLM2 the tied embedding is half of the W8A8 graph's bytes.
+    The values must already be FP16-exact (round_kept_float_weights on the model exported), so nothing changes."""
+    graph = model.graph
+    saved = 0
+    for name, value in list(graph.initializers.items()):
+        array = value.const_value.numpy() if value.const_value is not None else None
+        if array is None or array.dtype != np.float32 or array.ndim < 2 or \
+                any(u.node.op_type in ("QuantizeLinear", "DequantizeLinear") for u in value.uses()):
+            continue
+        half = array.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), array):
+            raise ExportError(f"float weight {name} is not FP16-exact: round the model's kept-float weights first "
+                              "(exporters.qdq.round_kept_float_weights)")
+        stored = add_initializer(graph, f"{name}_fp16", half)
+        cast = ir.node("Cast", [stored], {"to": ir.DataType.FLOAT.value}, name=f"/{name}/Cast_fp16_storage")
+        cast.outputs[0].name = f"{name}_fp32"
+        graph.insert_before(next(iter(graph)), cast)
+        for use in list(value.uses()):
+            use.node.replace_input_with(use.idx, cast.outputs[0])
+        graph.initializers.pop(name)
+        saved += array.nbytes - half.nbytes
+    return saved
+
+
+def round_kept_float_weights(model: torch.nn.Module, quantized: set[str]) -> None:
+    """Round in place every weight matrix outside the quantized linears to FP16 precision: the values the Q/DQ
+    graph stores (store_float_weights_fp16), so a simulation of the model computes what the graph computes."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2 and name.rpartition(".")[0] not in quantized:
+                param.copy_(param.half().to(param.dtype))
 
 
 def module_node_map(model: ir.Model) -> dict[str, list[str]]:

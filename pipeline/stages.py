@@ -29,7 +29,8 @@ from exporters.kv_quant import kv_scales, observe_kv_absmax, quantize_kv_cache
 from exporters.gptq_checkpoint import quantization_config, write_checkpoint
 from exporters.lint import check_onnx_file, lint_or_raise
 from exporters.onnx_export import export_model
-from exporters.qdq import LinearQuantization, grouped_linear, insert_qdq, module_node_map
+from exporters.qdq import (LinearQuantization, grouped_linear, insert_qdq, module_node_map,
+                           round_kept_float_weights, store_float_weights_fp16)
 from pipeline import PipelineError, models, report, report_files, tuning, verify
 from pipeline.accuracy_target import Target
 from pipeline.budget import fit_budget
@@ -59,6 +60,7 @@ ALPHA_CHOICE = "alpha_choice.json"
 BUDGET = "accuracy_budget.json"
 KV_SCALES = "kv_cache_scales.json"
 ATTENTION_RANGES = "attention_ranges.json"
+GRAPH_LAYOUT = "float weight matrices stored FP16 in quantized.onnx"
 VERIFICATION = "verification.json"  # everything verify measured; the report adds analysis of saved artifacts
 LAYERWISE = "layerwise.json"
 LAYERWISE_CHANNELS = "layerwise_channels.npz"  # per-module channel absmax before/after smoothing
@@ -197,8 +199,12 @@ def _imported_weights(run: Run, model, spec) -> dict[str, QuantizedWeight] | Non
 
 
 def smoothed_model(run: Run):
+    """The float model as the Q/DQ graph holds it: smoothing factors folded, kept-float weight matrices rounded to
+    the FP16 the graph stores them in (quantized linears get their integer weights from the quantize stage)."""
     model, tokenizer, spec = run.model()
     apply_factors(model, spec, load_file(str(run.path(FACTORS))))
+    plan = QuantPlan.from_json(read_json(run.path(PLAN)))
+    round_kept_float_weights(model, {m.name for m in plan.quantized()})
     return model, spec
 
 
@@ -249,8 +255,9 @@ def calibrate_kv_cache(run: Run, graph: ir.Model) -> dict[str, float]:
 
 def export(run: Run) -> None:
     cfg = run.config.export
-    # The graph list is part of the key: a version that writes another graph re-exports an older OUT.
-    key = digest("export", run.records.key("quantize"), cfg, [REFERENCE, REFERENCE_FP16, QUANTIZED, QUANTIZED_FP16])
+    # The graph list and layout are part of the key: a version that writes other graphs re-exports an older OUT.
+    key = digest("export", run.records.key("quantize"), cfg, [REFERENCE, REFERENCE_FP16, QUANTIZED, QUANTIZED_FP16],
+                 GRAPH_LAYOUT)
     if _up_to_date(run, "export", key):
         return
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
@@ -270,6 +277,9 @@ def export(run: Run) -> None:
         log.info("export: %s (%s graph, %d quantized linears)", name, dtype, len(linears))
         graph = export_model(model, dtype, cfg.opset, names)
         insert_qdq(graph, linears, scale_dtype)
+        if dtype == torch.float32:
+            log.info("export: %s stores its float weight matrices in FP16 (%.1f MB saved)", name,
+                     store_float_weights_fp16(graph) / 1e6)
         if cfg.kv_cache_int8:
             kv_scales_found = kv_scales_found or calibrate_kv_cache(run, graph)
             quantize_kv_cache(graph, kv_scales_found, scale_dtype)

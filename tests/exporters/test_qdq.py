@@ -12,7 +12,8 @@ from calibration.smoothing import uniform_alpha
 from exporters import ExportError
 from exporters.lint import lint_or_raise, lint_qdq
 from exporters.onnx_export import export_model
-from exporters.qdq import LinearQuantization, module_node_map
+from exporters.qdq import (LinearQuantization, insert_qdq, module_node_map, round_kept_float_weights,
+                           store_float_weights_fp16)
 from pipeline.runtime import OnnxDecoder
 from tests.conftest import calibrated, export_both_graphs, random_windows, tiny_model
 
@@ -196,3 +197,38 @@ def test_tied_embeddings_are_stored_once_and_logits_unchanged(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=torch.from_numpy(ids)).logits.numpy()
     assert np.abs(run_ort(path, ids) - expected).max() < 1e-4
+
+
+def test_float_weights_are_stored_fp16_and_computed_fp32(tmp_path):
+    """The W8A8 FP32 graph keeps its float matrices (here the embedding, the vocab projection and one skipped
+    linear) in FP16 behind a Cast: half their bytes, logits identical to the same graph storing them FP32."""
+    model, names, plan, quantizations = smoothed_and_planned()
+    skipped = "model.layers.1.mlp.down_proj"
+    quantizations = [q for q in quantizations if q.module != skipped]
+    round_kept_float_weights(model, {q.module for q in quantizations})
+    embedding = model.get_submodule("model.embed_tokens").weight
+    assert torch.equal(embedding, embedding.half().float())  # rounded: FP16-exact
+    graph = export_model(model, torch.float32, 21, names)
+    insert_qdq(graph, quantizations, np.float32)
+    ir.save(graph, tmp_path / "fp32.onnx")
+    saved = store_float_weights_fp16(graph)
+    ir.save(graph, tmp_path / "fp16-storage.onnx")
+    float_matrices = [v for v in graph.graph.initializers.values()
+                      if v.const_value.numpy().dtype == np.float32 and v.const_value.numpy().ndim >= 2]
+    assert float_matrices == []
+    stored = {n: v.const_value.numpy() for n, v in graph.graph.initializers.items() if n.endswith("_fp16")}
+    matrices = {id(p): p for p in (model.get_parameter(f"{m}.weight") for m in ("model.embed_tokens", "lm_head",
+                                                                                  skipped))}  # tied: one matrix
+    assert saved == sum(a.nbytes for a in stored.values()) == 2 * sum(p.numel() for p in matrices.values())
+    assert len(stored) == len(matrices)
+    assert lint_qdq(graph) == []
+    ids = random_windows(2, 16)
+    assert np.array_equal(run_ort(tmp_path / "fp16-storage.onnx", ids), run_ort(tmp_path / "fp32.onnx", ids))
+
+
+def test_float_weight_storage_refuses_values_fp16_cannot_hold():
+    model, names, _, quantizations = smoothed_and_planned()
+    graph = export_model(model, torch.float32, 21, names)  # not rounded first
+    insert_qdq(graph, quantizations, np.float32)
+    with pytest.raises(ExportError, match="is not FP16-exact: round the model's kept-float weights first"):
+        store_float_weights_fp16(graph)
