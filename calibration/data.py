@@ -67,7 +67,7 @@ def cut_windows(token_ids: list[int] | np.ndarray, seq_len: int) -> np.ndarray:
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
-def file_windows(tokenizer, source: str, seq_len: int, chat_template: bool = False) -> np.ndarray:
+def source_windows(tokenizer, source: str, seq_len: int, chat_template: bool = False) -> np.ndarray:
     # No special tokens added: windows are plain slices of the running text, as in the perplexity protocol (a chat
     # template writes its own special tokens into the text).
     ids = tokenizer(source_text(source, tokenizer, chat_template), add_special_tokens=False)["input_ids"]
@@ -137,7 +137,7 @@ def build_windows(model, tokenizer, calib_source: str, eval_source: str | None, 
     same source are rendered too; a separate evaluation file stays plain text, as the perplexity protocol reads it).
     """
     n_source = n_calib + n_holdout
-    same_file = same_source(calib_source, eval_source)
+    shared_source = same_source(calib_source, eval_source)
     rendered = " rendered with the chat template" if chat_template else ""
     calib_origin = f"{calib_source}{rendered}: last {n_calib} windows (holdout: the {n_holdout} before them)"
     if calib_source == SYNTHETIC:
@@ -148,13 +148,13 @@ def build_windows(model, tokenizer, calib_source: str, eval_source: str | None, 
             return TokenWindows(source[n_holdout:], source[:n_holdout], sampled[n_source:], calib_origin,
                                 f"synthetic: {n_eval} further samples, held out from calibration")
     else:
-        windows = file_windows(tokenizer, calib_source, seq_len, chat_template)
-        if eval_source is None or same_file:
+        windows = source_windows(tokenizer, calib_source, seq_len, chat_template)
+        if eval_source is None or shared_source:
             source, evaluation = split_same_source(windows, n_source, n_eval, calib_source)
             return TokenWindows(source[n_holdout:], source[:n_holdout], evaluation, calib_origin,
                                 f"{calib_source}: first {n_eval} windows, held out from calibration")
         source = take_windows(windows[::-1], n_source, calib_source, "calibration")[::-1]
-    evaluation = take_windows(file_windows(tokenizer, eval_source, seq_len), n_eval, eval_source, "evaluation")
+    evaluation = take_windows(source_windows(tokenizer, eval_source, seq_len), n_eval, eval_source, "evaluation")
     source = np.ascontiguousarray(source)
     return TokenWindows(source[n_holdout:], source[:n_holdout], evaluation, calib_origin,
                         f"{eval_source}: first {n_eval} windows")

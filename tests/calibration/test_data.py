@@ -46,7 +46,7 @@ def test_missing_file(tmp_path):
         source_text(str(tmp_path / "nope.txt"), None, chat=False)
 
 
-def test_file_windows_are_token_slices(tokenizer, corpus):
+def test_source_windows_are_token_slices(tokenizer, corpus):
     w = build_windows(None, tokenizer, str(corpus), None, n_calib=3, n_holdout=2, n_eval=2, seq_len=16, seed=0)
     ids = tokenizer(corpus.read_text(), add_special_tokens=False)["input_ids"]
     assert w.evaluation.tolist() == [ids[:16], ids[16:32]]
