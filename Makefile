@@ -8,7 +8,7 @@ QUANT  ?= w8a8
 GROUP_SIZE ?= 128
 ALPHA  ?= auto
 RANGE  ?= max
-WEIGHT_CLIP ?= none
+WEIGHT_CLIP ?=
 BUDGET ?=
 CALIB_WINDOWS ?= 64
 EVAL_WINDOWS  ?= 16
@@ -24,7 +24,7 @@ CHAT_TEMPLATE ?=
 BISECT        ?=
 # serve/triton read an existing OUT; its default is the engine's (build/<model name>).
 ENGINE_DIR = $(or $(OUT),build/$(basename $(notdir $(MODEL))))
-ARGS = --model $(MODEL) --calib $(CALIB) --quant $(QUANT) --group-size $(GROUP_SIZE) --alpha $(ALPHA) --range-estimator $(RANGE) --weight-clip $(WEIGHT_CLIP) \
+ARGS = --model $(MODEL) --calib $(CALIB) --quant $(QUANT) --group-size $(GROUP_SIZE) --alpha $(ALPHA) --range-estimator $(RANGE) $(if $(WEIGHT_CLIP),--weight-clip $(WEIGHT_CLIP)) \
        --calib-windows $(CALIB_WINDOWS) --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN) \
        --max-batch $(MAX_BATCH) --max-input-len $(MAX_INPUT_LEN) --max-seq-len $(MAX_SEQ_LEN) \
        $(if $(filter 1,$(KV_INT8)),--kv-cache-int8) $(if $(filter 1,$(INT8_ATTENTION)),--int8-attention) $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET)) \

@@ -18,6 +18,7 @@ from calibration.stats import observe_inputs
 CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))  # 1.00 .. 0.50
 
 
+@torch.no_grad()
 def clipping_errors(weight: torch.Tensor, input_power: torch.Tensor, ratios: tuple[float, ...]) -> torch.Tensor:
     """[rows, ratios]: sum_j input_power_j (w_j - Q(w_j))^2 of every row at every clipping ratio (INT8, symmetric)."""
     w = weight.double()
@@ -27,6 +28,7 @@ def clipping_errors(weight: torch.Tensor, input_power: torch.Tensor, ratios: tup
     return torch.stack(errors, dim=1)
 
 
+@torch.no_grad()
 def clipped_int8(weight: torch.Tensor, input_power: torch.Tensor,
                  ratios: tuple[float, ...] = CLIP_RATIOS) -> tuple[QuantizedWeight, torch.Tensor]:
     """Per-channel INT8 weight with each row's best clipping ratio, and the ratios chosen (1.0: no clipping wins
@@ -38,6 +40,7 @@ def clipped_int8(weight: torch.Tensor, input_power: torch.Tensor,
     return QuantizedWeight(codes.to(torch.int8), scales, 8, weight.shape[1]), best.float()
 
 
+@torch.no_grad()
 def input_power(model: torch.nn.Module, names: list[str], windows: np.ndarray, batch_size: int) -> dict[str, torch.Tensor]:
     """Linear name -> E[x_j^2] per input channel of its (smoothed, float) inputs over `windows`."""
     sums: dict[str, torch.Tensor] = {}

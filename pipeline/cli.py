@@ -74,9 +74,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                         "on calibration inputs) or 'grid' (best global value on the holdout windows)")
     p.add_argument("--range-estimator", default=d_q.range_estimator, choices=RANGE_ESTIMATORS,
                    help="activation range: calibration max, a percentile of |x|, or the MSE-optimal clipping")
-    p.add_argument("--weight-clip", default=d_q.weight_clip, choices=WEIGHT_CLIPS,
-                   help="INT8 weights (QUANT=w8a8): 'mse' clips each row where that lowers its input-power-weighted "
-                        "error on calibration inputs; 'none' maps each row's max|w| to 127")
+    p.add_argument("--weight-clip", default=None, choices=WEIGHT_CLIPS,
+                   help="INT8 weights (QUANT=w8a8): 'mse' (its default) clips each row where that lowers its "
+                        "input-power-weighted error on calibration inputs; 'none' maps each row's max|w| to 127")
     p.add_argument("--percentile", type=float, default=d_q.percentile, help="percentile for --range-estimator percentile")
     p.add_argument("--accuracy-budget", default=None, metavar="TARGET",
                    help="ppl:<percent> (or just <percent>) or kl:<nats>: keep the fewest activation groups float so "
