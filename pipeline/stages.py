@@ -64,7 +64,7 @@ GRAPH_LAYOUT = "float weight matrices stored FP16 in quantized.onnx"
 VERIFICATION = "verification.json"  # everything verify measured; the report adds analysis of saved artifacts
 LAYERWISE = "layerwise.json"
 LAYERWISE_CHANNELS = "layerwise_channels.npz"  # per-module channel absmax before/after smoothing
-KV_CALIBRATION_WINDOWS = 8
+GRAPH_RANGE_WINDOWS = 8  # calibration windows the INT8 KV cache and attention ranges are observed on
 FAITHFULNESS_WINDOWS = 4
 FP16_GRAPH_WINDOWS = 2
 LAYERWISE_WINDOWS = 2
@@ -227,15 +227,20 @@ def save_onnx(graph: ir.Model, path: Path, threshold: int) -> None:
         os.replace(tmp / path.name, path)
 
 
-def calibrate_attention(run: Run, graph: ir.Model) -> dict[str, float]:
-    """Absmax of every attention matmul operand in the FP32 Q/DQ graph on the first calibration windows (saved)."""
+def _range_session(run: Run, graph: ir.Model) -> tuple[object, np.ndarray]:
+    """An ONNX Runtime session of `graph` and the calibration windows static graph ranges are observed on."""
     import onnxruntime as ort
 
-    windows = np.load(run.path(WINDOWS))["calibration"][:KV_CALIBRATION_WINDOWS]
-    probe, names = probe_graph(graph), list(dict.fromkeys(operand_names(graph)))
+    session = ort.InferenceSession(ir.to_proto(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+    return session, np.load(run.path(WINDOWS))["calibration"][:GRAPH_RANGE_WINDOWS]
+
+
+def calibrate_attention(run: Run, graph: ir.Model) -> dict[str, float]:
+    """Absmax of every attention matmul operand in the FP32 Q/DQ graph on the first calibration windows (saved)."""
+    names = list(dict.fromkeys(operand_names(graph)))
+    session, windows = _range_session(run, probe_graph(graph))
     log.info("export: INT8 attention matmuls, observing %d operand ranges on %d calibration windows", len(names),
              len(windows))
-    session = ort.InferenceSession(ir.to_proto(probe).SerializeToString(), providers=["CPUExecutionProvider"])
     absmax = observe_absmax(session, names, windows)
     write_json(run.path(ATTENTION_RANGES), absmax)
     return absmax
@@ -243,11 +248,8 @@ def calibrate_attention(run: Run, graph: ir.Model) -> dict[str, float]:
 
 def calibrate_kv_cache(run: Run, graph: ir.Model) -> dict[str, float]:
     """Per-tensor KV scales from the FP32 Q/DQ graph on the first calibration windows (saved in OUT)."""
-    import onnxruntime as ort
-
-    windows = np.load(run.path(WINDOWS))["calibration"][:KV_CALIBRATION_WINDOWS]
+    session, windows = _range_session(run, graph)
     log.info("export: INT8 KV cache, observing K/V ranges on %d calibration windows", len(windows))
-    session = ort.InferenceSession(ir.to_proto(graph).SerializeToString(), providers=["CPUExecutionProvider"])
     scales = kv_scales(observe_kv_absmax(session, windows))
     write_json(run.path(KV_SCALES), scales)
     return scales
