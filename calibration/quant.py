@@ -122,10 +122,11 @@ def build_plan(linears: dict[str, torch.nn.Linear], input_ranges: dict[str, floa
 
 
 def keep_float(plan: QuantPlan, reasons: dict[str, str]) -> QuantPlan:
-    """The plan with the named quantized modules turned back to float (no Q/DQ), each with its reason."""
-    modules = tuple(replace(m, status="skipped", reason=reasons[m.name], input_absmax=None, input_scale=None,
-                            weight_scale_min=None, weight_scale_max=None) if m.name in reasons else m
-                    for m in plan.modules)
+    """The plan with the named quantized modules turned back to float (no Q/DQ, no integer weights), each with its
+    reason; their smoothing stays (it is folded into the float weights either way)."""
+    modules = tuple(ModuleEntry(name=m.name, status="skipped", reason=reasons[m.name], smoothed=m.smoothed,
+                                alpha=m.alpha, smoothing_factor_max=m.smoothing_factor_max)
+                    if m.name in reasons else m for m in plan.modules)
     return replace(plan, modules=modules)
 
 

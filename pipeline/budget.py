@@ -67,14 +67,16 @@ class HoldoutJudge:
 
 
 def fit_budget(model: torch.nn.Module, spec, plan: QuantPlan, holdout: np.ndarray, batch_size: int,
-               target: Target) -> tuple[QuantPlan, dict]:
-    """`model` holds the smoothed float weights of `plan`. Returns the plan with float units, and the evidence."""
+               target: Target, dequantized: dict[str, torch.Tensor]) -> tuple[QuantPlan, dict]:
+    """`model` holds the smoothed float weights of `plan`; `dequantized` the integer weights the plan will export,
+    so every candidate is judged with exactly the weights it would ship. Returns the plan with float units, and
+    the evidence."""
     judge = HoldoutJudge(model, holdout, batch_size)
     units = activation_units(model, spec, plan)
 
     def score(float_units: list[str]) -> dict:
         reasons = {n: "accuracy budget" for u in float_units for n in units[u]}
-        with fake_quantized(model, keep_float(plan, reasons)):
+        with fake_quantized(model, keep_float(plan, reasons), dequantized):
             return judge.score()
 
     quantized = score([])

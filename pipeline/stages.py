@@ -148,11 +148,16 @@ def quantize(run: Run) -> QuantPlan:
     windows = np.load(run.path(WINDOWS))
     outputs = [FACTORS, PLAN, ALPHA_CHOICE, WEIGHTS]
     if cfg.recipe.int8_activations:
-        factors, plan, choice = _smoothquant(run, model, spec, windows, outputs)
+        factors, plan, choice = _smoothquant(run, model, spec, windows)
     else:
         factors, plan, choice = {}, None, {"mode": "none", "reason": f"{cfg.scheme} is weight-only: no smoothing"}
+    float_weights = _linear_weights(model, spec) if cfg.accuracy_budget is not None else None
     weights, plan = integer_weights(model, spec, plan, cfg, windows["calibration"],
                                     run.config.calibration.batch_size, _imported_weights(run, model, spec))
+    if cfg.accuracy_budget is not None:
+        plan = _fit_budget(run, model, spec, plan, weights, float_weights, windows["holdout"])
+        outputs.append(BUDGET)
+        weights = {m.name: weights[m.name] for m in plan.quantized()}
     with atomic_path(run.path(FACTORS)) as tmp:
         save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
     with atomic_path(run.path(WEIGHTS)) as tmp:
@@ -166,8 +171,8 @@ def quantize(run: Run) -> QuantPlan:
     return plan
 
 
-def _smoothquant(run: Run, model, spec, windows, outputs: list[str]):
-    """Smooth `model` in place and plan the W8A8 activations (alpha choice, ranges, accuracy budget)."""
+def _smoothquant(run: Run, model, spec, windows):
+    """Smooth `model` in place and plan the W8A8 activations (alpha choice, ranges)."""
     cfg = run.config.quant
     absmax = load_stats(run.path(STATS))
     batch = run.config.calibration.batch_size
@@ -175,15 +180,29 @@ def _smoothquant(run: Run, model, spec, windows, outputs: list[str]):
                                           windows["holdout"], batch, FLOAT_MODULES)
     factors, plan = smooth_and_plan(model, spec, absmax, tuning.recipe_for(cfg, alphas, cfg.alpha),
                                     windows["calibration"][: cfg.search_windows], batch, FLOAT_MODULES)
-    if cfg.accuracy_budget is not None:
-        target = Target.parse(cfg.accuracy_budget, "--accuracy-budget")
-        plan, evidence = fit_budget(model, spec, plan, windows["holdout"], batch, target)
-        if not evidence["met"]:
-            log.warning("quantize: accuracy budget %s NOT met on the holdout (%s); the plan keeps %d groups float",
-                        target, target.describe(target.of(evidence["final"])), len(evidence["kept_float"]))
-        write_json(run.path(BUDGET), evidence)
-        outputs.append(BUDGET)
     return factors, plan, choice
+
+
+def _linear_weights(model, spec) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach().clone() for n, m in quantizable_linears(model, spec).items()}
+
+
+def _fit_budget(run: Run, model, spec, plan: QuantPlan, weights: dict[str, QuantizedWeight],
+                float_weights: dict[str, torch.Tensor], holdout: np.ndarray) -> QuantPlan:
+    """Keep activation groups float until the holdout meets --accuracy-budget, judging each candidate with the
+    integer weights it would export (GPTQ replaced the model's weights in place: the float ones come back first,
+    as a group kept float ships them)."""
+    target = Target.parse(run.config.quant.accuracy_budget, "--accuracy-budget")
+    with torch.no_grad():
+        for name, weight in float_weights.items():
+            model.get_submodule(name).weight.copy_(weight)
+    dequantized = {n: q.dequantize() for n, q in weights.items()}
+    plan, evidence = fit_budget(model, spec, plan, holdout, run.config.calibration.batch_size, target, dequantized)
+    if not evidence["met"]:
+        log.warning("quantize: accuracy budget %s NOT met on the holdout (%s); the plan keeps %d groups float",
+                    target, target.describe(target.of(evidence["final"])), len(evidence["kept_float"]))
+    write_json(run.path(BUDGET), evidence)
+    return plan
 
 
 def _imported_weights(run: Run, model, spec) -> dict[str, QuantizedWeight] | None:

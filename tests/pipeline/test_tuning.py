@@ -108,6 +108,10 @@ def test_accuracy_budget_keeps_the_costliest_groups_float_until_met(tiny_model_d
         layer, producer = unit.split(".", 3)[:3], unit.split(".", 3)[3]
         expected |= {".".join(layer) + "." + c for c in consumers[producer]}
     assert skipped == expected
+    # what is kept float ships float: no integer weights saved, no weight fields in the plan
+    weights = load_quantized(tmp_path / "quantized_weights.safetensors")
+    assert set(weights) == {m["name"] for m in plan["modules"] if m["status"] == "quantized"}
+    assert all(m["weight_bits"] is None and m["clip_ratio_mean"] is None for m in plan["modules"] if m["name"] in skipped)
 
 
 def test_a_budget_already_met_keeps_everything_quantized(tiny_model_dir, corpus, tmp_path):
