@@ -23,9 +23,8 @@ from calibration.quant import QuantPlan, fake_quantized
 from calibration.recipe import smooth_and_plan
 from calibration.smoothing import apply_factors
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
-from exporters.attention_qdq import operand_names, probe_graph, quantize_attention
-from exporters.decoder_io import observe_absmax
-from exporters.kv_quant import kv_scales, observe_kv_absmax, quantize_kv_cache
+from exporters.attention_qdq import quantize_attention
+from exporters.kv_quant import quantize_kv_cache
 from exporters.gptq_checkpoint import quantization_config, write_checkpoint
 from exporters.lint import check_onnx_file, lint_or_raise
 from exporters.onnx_export import export_model
@@ -37,6 +36,7 @@ from pipeline.budget import fit_budget
 from pipeline.artifacts import (StageRecords, atomic_folder, atomic_path, prepare_out, read_json, scratch_folder,
                                 versions, write_json)
 from pipeline.config import RunConfig, digest
+from pipeline.graph_ranges import attention_ranges, kv_cache_scales
 from pipeline.runtime import TOKENIZER
 from pipeline.weights import FLOAT_MODULES, integer_weights
 from trt_builder import BuildError
@@ -246,32 +246,13 @@ def save_onnx(graph: ir.Model, path: Path, threshold: int) -> None:
         os.replace(tmp / path.name, path)
 
 
-def _range_session(run: Run, graph: ir.Model) -> tuple[object, np.ndarray]:
-    """An ONNX Runtime session of `graph` and the calibration windows static graph ranges are observed on."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(ir.to_proto(graph).SerializeToString(), providers=["CPUExecutionProvider"])
-    return session, np.load(run.path(WINDOWS))["calibration"][:GRAPH_RANGE_WINDOWS]
-
-
-def calibrate_attention(run: Run, graph: ir.Model) -> dict[str, float]:
-    """Absmax of every attention matmul operand in the FP32 Q/DQ graph on the first calibration windows (saved)."""
-    names = list(dict.fromkeys(operand_names(graph)))
-    session, windows = _range_session(run, probe_graph(graph))
-    log.info("export: INT8 attention matmuls, observing %d operand ranges on %d calibration windows", len(names),
-             len(windows))
-    absmax = observe_absmax(session, names, windows)
-    write_json(run.path(ATTENTION_RANGES), absmax)
-    return absmax
-
-
-def calibrate_kv_cache(run: Run, graph: ir.Model) -> dict[str, float]:
-    """Per-tensor KV scales from the FP32 Q/DQ graph on the first calibration windows (saved in OUT)."""
-    session, windows = _range_session(run, graph)
-    log.info("export: INT8 KV cache, observing K/V ranges on %d calibration windows", len(windows))
-    scales = kv_scales(observe_kv_absmax(session, windows))
-    write_json(run.path(KV_SCALES), scales)
-    return scales
+def _graph_ranges(run: Run, graph: ir.Model, observe, saved_as: str, what: str) -> dict[str, float]:
+    """Ranges observed on the FP32 Q/DQ graph over the first calibration windows, saved in OUT."""
+    windows = np.load(run.path(WINDOWS))["calibration"][:GRAPH_RANGE_WINDOWS]
+    log.info("export: %s, observing ranges on %d calibration windows", what, len(windows))
+    ranges = observe(graph, windows)
+    write_json(run.path(saved_as), ranges)
+    return ranges
 
 
 def export(run: Run) -> None:
@@ -293,7 +274,7 @@ def export(run: Run) -> None:
     model, _ = smoothed_model(run)
     linears = linear_quantizations(plan, load_quantized(run.path(WEIGHTS)))
     outputs = [REFERENCE, REFERENCE_FP16] + [f"{TOKENIZER}/{p.name}" for p in sorted(run.path(TOKENIZER).iterdir())]
-    kv_scales_found = attention_ranges = None
+    kv_scales_found = attention_found = None
     for dtype, scale_dtype, name in ((torch.float32, np.float32, QUANTIZED), (torch.float16, np.float16, QUANTIZED_FP16)):
         log.info("export: %s (%s graph, %d quantized linears)", name, dtype, len(linears))
         graph = export_model(model, dtype, cfg.opset, names)
@@ -302,11 +283,13 @@ def export(run: Run) -> None:
             log.info("export: %s stores its float weight matrices in FP16 (%.1f MB saved)", name,
                      store_float_weights_fp16(graph) / 1e6)
         if cfg.kv_cache_int8:
-            kv_scales_found = kv_scales_found or calibrate_kv_cache(run, graph)
+            kv_scales_found = kv_scales_found or _graph_ranges(run, graph, kv_cache_scales, KV_SCALES,
+                                                               "INT8 KV cache")
             quantize_kv_cache(graph, kv_scales_found, scale_dtype)
         if cfg.int8_attention:
-            attention_ranges = attention_ranges or calibrate_attention(run, graph)
-            quantize_attention(graph, attention_ranges, scale_dtype)
+            attention_found = attention_found or _graph_ranges(run, graph, attention_ranges, ATTENTION_RANGES,
+                                                               "INT8 attention matmuls")
+            quantize_attention(graph, attention_found, scale_dtype)
         lint_or_raise(graph, name)
         if name == QUANTIZED:
             write_json(run.path(MODULE_MAP), module_node_map(graph))
