@@ -39,13 +39,10 @@ def attention_operands(model: ir.Model) -> list[tuple[ir.Node, int]]:
             and all(v is not None and v.name in dynamic for v in node.inputs[:2]) for i in (0, 1)]
 
 
-def operand_names(model: ir.Model) -> list[str]:
-    return [node.inputs[i].name for node, i in attention_operands(model)]
-
-
-def probe_graph(model: ir.Model) -> ir.Model:
-    """A copy of the graph that also outputs every attention operand, to observe their ranges."""
-    return with_outputs(ir.from_proto(ir.to_proto(model)), operand_names(model))
+def probe_graph(model: ir.Model) -> tuple[ir.Model, list[str]]:
+    """A copy of the graph that also outputs every attention operand, and their names, to observe their ranges."""
+    names = list(dict.fromkeys(node.inputs[i].name for node, i in attention_operands(model)))
+    return with_outputs(ir.from_proto(ir.to_proto(model)), names), names
 
 
 def quantize_attention(model: ir.Model, absmax: dict[str, float], scale_dtype: type) -> int:

@@ -22,6 +22,7 @@ from calibration.quant import QuantPlan, fake_quantized, keep_float
 from calibration.smoothing import layer_groups
 from pipeline.accuracy_target import Target
 from pipeline.metrics import Perplexity, kl_divergence
+from pipeline.tuning import batch_logits
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +44,16 @@ class HoldoutJudge:
 
     def __init__(self, model: torch.nn.Module, holdout: np.ndarray, batch_size: int):
         self.model, self.holdout, self.batch_size = model, holdout, batch_size
-        self.batches = [holdout[i : i + batch_size] for i in range(0, len(holdout), batch_size)]
-        self.reference_logits = [self._logits(ids) for ids in self.batches]
-        perplexity = Perplexity()
-        for ids, logits in zip(self.batches, self.reference_logits):
+        self.reference_logits, perplexity = [], Perplexity()
+        for ids, logits in batch_logits(model, holdout, batch_size):
+            self.reference_logits.append(logits)
             perplexity.add(logits, ids)
         self.reference_perplexity = perplexity.value()
 
-    @torch.no_grad()
-    def _logits(self, ids: np.ndarray) -> np.ndarray:
-        return self.model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
-
     def score(self) -> dict:
         perplexity, kl_sum, positions = Perplexity(), 0.0, 0
-        for ids, reference in zip(self.batches, self.reference_logits):
-            logits = self._logits(ids)
+        batches = batch_logits(self.model, self.holdout, self.batch_size)
+        for (ids, logits), reference in zip(batches, self.reference_logits):
             perplexity.add(logits, ids)
             kl = kl_divergence(reference[:, :-1], logits[:, :-1], torch.float32)  # the positions perplexity scores
             kl_sum, positions = kl_sum + float(kl.sum()), positions + kl.size

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from exporters.attention_qdq import operand_names, probe_graph
+from exporters.attention_qdq import probe_graph
 from exporters.decoder_io import observe_absmax
 from exporters.kv_quant import kv_scales, observe_kv_absmax
 
@@ -25,4 +25,5 @@ def kv_cache_scales(graph: ir.Model, windows: np.ndarray) -> dict[str, float]:
 
 def attention_ranges(graph: ir.Model, windows: np.ndarray) -> dict[str, float]:
     """Attention matmul operand name -> absmax."""
-    return observe_absmax(_session(probe_graph(graph)), list(dict.fromkeys(operand_names(graph))), windows)
+    probe, names = probe_graph(graph)
+    return observe_absmax(_session(probe), names, windows)

@@ -20,11 +20,17 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def torch_perplexity(model: torch.nn.Module, windows: np.ndarray, batch_size: int) -> float:
-    perplexity = Perplexity()
+def batch_logits(model: torch.nn.Module, windows: np.ndarray, batch_size: int):
+    """(token ids, logits) of the model (as it runs now) for each batch of `windows`."""
     for start in range(0, len(windows), batch_size):
         ids = windows[start : start + batch_size]
-        perplexity.add(model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy(), ids)
+        yield ids, model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+
+
+def torch_perplexity(model: torch.nn.Module, windows: np.ndarray, batch_size: int) -> float:
+    perplexity = Perplexity()
+    for ids, logits in batch_logits(model, windows, batch_size):
+        perplexity.add(logits, ids)
     return perplexity.value()
 
 

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporters.attention_qdq import attention_operands, operand_names, probe_graph, quantize_attention
+from exporters.attention_qdq import attention_operands, probe_graph, quantize_attention
 from exporters.decoder_io import observe_absmax
 from exporters.lint import lint_qdq
 from exporters.naming import module_of_node
@@ -30,7 +30,8 @@ def graphs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("attention")
     float_graphs = export_both_graphs(model, names, quantizations, folder)
     fp32 = ir.load(float_graphs[torch.float32][1])
-    absmax = observe_absmax(session_of(probe_graph(fp32)), operand_names(fp32), random_windows(4, 32, seed=3))
+    probe, names = probe_graph(fp32)
+    absmax = observe_absmax(session_of(probe), names, random_windows(4, 32, seed=3))
     int8 = {}
     for dtype, scale_dtype in ((torch.float32, np.float32), (torch.float16, np.float16)):
         graph = ir.load(float_graphs[dtype][1])
