@@ -21,6 +21,7 @@ KV_INT8       ?=
 INT8_ATTENTION ?=
 SKIP_FILE     ?=
 CHAT_TEMPLATE ?=
+LOW_MEMORY    ?=
 BISECT        ?=
 # serve/triton read an existing OUT; its default is the engine's (build/<model name>).
 ENGINE_DIR = $(or $(OUT),build/$(basename $(notdir $(MODEL))))
@@ -28,7 +29,7 @@ ARGS = --model $(MODEL) --calib $(CALIB) --quant $(QUANT) --group-size $(GROUP_S
        --calib-windows $(CALIB_WINDOWS) --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN) \
        --max-batch $(MAX_BATCH) --max-input-len $(MAX_INPUT_LEN) --max-seq-len $(MAX_SEQ_LEN) \
        $(if $(filter 1,$(KV_INT8)),--kv-cache-int8) $(if $(filter 1,$(INT8_ATTENTION)),--int8-attention) $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET)) \
-       $(if $(SKIP_FILE),--skip-file $(SKIP_FILE)) $(if $(filter 1,$(CHAT_TEMPLATE)),--chat-template)
+       $(if $(SKIP_FILE),--skip-file $(SKIP_FILE)) $(if $(filter 1,$(CHAT_TEMPLATE)),--chat-template) $(if $(filter 1,$(LOW_MEMORY)),--low-memory)
 
 .PHONY: setup engine calibrate quantize export build verify report serve triton bench test
 setup:

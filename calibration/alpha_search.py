@@ -18,6 +18,7 @@ from tqdm import tqdm
 from calibration.architectures import ArchitectureSpec
 from calibration.quant import activation_scale, fake_quant_activation, fake_quant_weight
 from calibration.smoothing import consumer_factor, group_absmax, layer_groups, smoothing_factors
+from calibration.stats import run_windows
 
 DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(6, 21))  # 0.30 .. 1.00
 
@@ -86,7 +87,7 @@ def search_alphas(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict[s
     handles = [model.get_submodule(f"{prefix}.{group.consumers[0]}").register_forward_pre_hook(make_hook(prefix, group, key))
                for prefix, group, key in groups]
     try:
-        model(input_ids=torch.from_numpy(windows), use_cache=False, logits_to_keep=1)
+        run_windows(model, windows, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()

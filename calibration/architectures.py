@@ -40,6 +40,13 @@ class ArchitectureSpec:
     layers: str
     linears: tuple[str, ...]
     groups: tuple[SmoothingGroup, ...]
+    embedding: str  # token embedding: the first thing a layer-streamed pass computes (calibration/layer_stream.py)
+    final_norm: str  # after the last layer; a layer window replaces it (and the head) by identities
+    head: str
+
+    def linear_names(self, num_layers: int) -> list[str]:
+        """Every quantizable linear's full module name, in layer order (what stats.quantizable_linears finds)."""
+        return [f"{self.layers}.{i}.{rel}" for i in range(num_layers) for rel in self.linears]
 
 
 LLAMA_FAMILY = ArchitectureSpec(
@@ -61,6 +68,9 @@ LLAMA_FAMILY = ArchitectureSpec(
         SmoothingGroup("post_attention_layernorm", Producer.NORM, ("mlp.gate_proj", "mlp.up_proj")),
         SmoothingGroup("mlp.up_proj", Producer.LINEAR_ROWS, ("mlp.down_proj",)),
     ),
+    embedding="model.embed_tokens",
+    final_norm="model.norm",
+    head="lm_head",
 )
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (LLAMA_FAMILY,)

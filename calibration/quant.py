@@ -78,14 +78,20 @@ class QuantPlan:
                    tuple(ModuleEntry(**m) for m in data["modules"]))
 
 
-def select_modules(names: list[str], include: tuple[str, ...], skip: tuple[str, ...]) -> dict[str, str]:
-    """Name -> reason it is skipped ('' when quantized). A pattern that matches nothing is an error."""
+def check_patterns(names: list[str], include: tuple[str, ...], skip: tuple[str, ...]) -> None:
+    """A pattern that matches no quantizable module of the whole model is an error (a typo would silently
+    quantize everything)."""
     for label, patterns in (("--include", include), ("--skip", skip)):
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 raise CalibrationError(
                     f"{label} pattern '{pattern}' matches no quantizable module (e.g. {names[0]}): fix the pattern"
                 )
+
+
+def select_modules(names: list[str], include: tuple[str, ...], skip: tuple[str, ...]) -> dict[str, str]:
+    """Name -> reason it is skipped ('' when quantized). `names` may be one layer's (a layer window): the
+    patterns are checked against the whole model once, by check_patterns."""
     reasons = {}
     for n in names:
         if include and not any(fnmatch.fnmatchcase(n, p) for p in include):

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from calibration import CalibrationError
 from calibration.architectures import ArchitectureSpec
 from calibration.gptq import GptqResult, HessianAccumulator, float_target, gptq, output_error, rtn
+from calibration.stats import decoder_layers, run_windows
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,9 @@ def _first_layer_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, wi
 
     handle = first_layer.register_forward_pre_hook(stop, with_kwargs=True)
     try:
-        ids = torch.from_numpy(windows)
-        for start in range(0, len(ids), batch_size):
+        for start in range(0, len(windows), batch_size):
             try:
-                model(input_ids=ids[start : start + batch_size], use_cache=False)
+                run_windows(model, windows[start : start + batch_size])
             except _Captured:
                 pass
     finally:
@@ -104,14 +104,21 @@ def _group_statistics(layer, reference, first: str, inputs, float_inputs) -> Hes
 
 @torch.no_grad()
 def gptq_sequential(model: torch.nn.Module, spec: ArchitectureSpec, selected: set[str], windows: np.ndarray,
-                    batch_size: int, settings: GptqSettings) -> dict[str, LinearOutcome]:
+                    batch_size: int, settings: GptqSettings,
+                    float_windows: np.ndarray | None = None) -> dict[str, LinearOutcome]:
     """Quantize the selected linears of `model` in place (weights replaced by their dequantized values); return
-    each one's codes, scales and output error next to RTN's."""
-    layers = model.get_submodule(spec.layers)
-    inputs = _first_layer_inputs(model, layers[0], windows, batch_size)
-    float_inputs = list(inputs) if settings.float_target else None
+    each one's codes, scales and output error next to RTN's.
+
+    `windows` are token ids, or the first held layer's input hidden states (a layer window); float_windows are
+    the float model's hidden states there when they differ (upstream layers already quantized)."""
+    layers = decoder_layers(model, spec)
+    inputs = _first_layer_inputs(model, layers[0][1], windows, batch_size)
+    float_inputs = None
+    if settings.float_target:
+        float_inputs = list(inputs) if float_windows is None else \
+            _first_layer_inputs(model, layers[0][1], float_windows, batch_size)
     outcomes: dict[str, LinearOutcome] = {}
-    for index, layer in enumerate(tqdm(layers, desc=f"GPTQ W{settings.bits} g{settings.group_size}", unit="layer")):
+    for index, layer in tqdm(layers, desc=f"GPTQ W{settings.bits} g{settings.group_size}", unit="layer"):
         prefix = f"{spec.layers}.{index}"
         reference = copy.deepcopy(layer) if settings.float_target else None
         for group in _quantization_order(spec):

@@ -9,6 +9,7 @@ import torch
 
 from calibration import CalibrationError
 from calibration.architectures import ArchitectureSpec, Producer, SmoothingGroup
+from calibration.stats import decoder_layers
 
 # Clamp for channels that never fire (absmax 0) or zero weight columns: keeps s finite and positive.
 EPS = 1e-5
@@ -68,7 +69,7 @@ def group_key(layer_prefix: str, group: SmoothingGroup) -> str:
 
 def layer_groups(model: torch.nn.Module, spec: ArchitectureSpec):
     """(layer prefix, group, factor key) for every smoothing group of every decoder layer, in order."""
-    for i in range(len(model.get_submodule(spec.layers))):
+    for i, _ in decoder_layers(model, spec):
         prefix = f"{spec.layers}.{i}"
         for group in spec.groups:
             yield prefix, group, group_key(prefix, group)

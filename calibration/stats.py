@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +20,8 @@ log = logging.getLogger(__name__)
 
 def quantizable_linears(model: torch.nn.Module, spec: ArchitectureSpec) -> dict[str, torch.nn.Linear]:
     """Full module name -> Linear, for every linear of the spec in every decoder layer, in layer order."""
-    layers = model.get_submodule(spec.layers)
     found = {}
-    for i, layer in enumerate(layers):
+    for i, layer in decoder_layers(model, spec):
         for rel in spec.linears:
             module = layer.get_submodule(rel)
             if not isinstance(module, torch.nn.Linear):
@@ -30,38 +30,65 @@ def quantizable_linears(model: torch.nn.Module, spec: ArchitectureSpec) -> dict[
     return found
 
 
-@torch.no_grad()
-def observe_inputs(model: torch.nn.Module, linears: dict[str, torch.nn.Module], windows: np.ndarray, batch_size: int,
-                   observe: Callable[[str, torch.Tensor], None], desc: str) -> None:
-    """Run the windows through the model, handing each linear's input ([tokens, in_features]) to observe(name, x)."""
+def decoder_layers(model: torch.nn.Module, spec: ArchitectureSpec) -> list[tuple[int, torch.nn.Module]]:
+    """(index, layer) of the decoder layers the model holds: all of them, or the one a layer window holds
+    (calibration/layer_stream.py keeps the layer's own index, so module names match the full model's)."""
+    return [(int(i), layer) for i, layer in model.get_submodule(spec.layers).named_children()]
+
+
+def run_windows(model: torch.nn.Module, batch: np.ndarray, **kwargs):
+    """Forward one batch: token ids into the embedding, or hidden states (floats: a layer window's inputs)
+    straight into the decoder layers."""
+    tensor = torch.from_numpy(np.ascontiguousarray(batch))
+    key = "inputs_embeds" if tensor.is_floating_point() else "input_ids"
+    return model(**{key: tensor}, use_cache=False, **kwargs)
+
+
+@contextlib.contextmanager
+def observing(linears: dict[str, torch.nn.Module], observe: Callable[[str, torch.Tensor], None]):
+    """While inside, every forward hands each linear's input ([tokens, in_features]) to observe(name, x)."""
     def make_hook(name: str):
         return lambda _module, args: observe(name, args[0].detach().reshape(-1, args[0].shape[-1]))
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
     try:
-        ids = torch.from_numpy(windows)
-        for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch"):
-            # logits_to_keep=1: the lm_head is not calibrated, so skip most of its cost.
-            model(input_ids=ids[start : start + batch_size], use_cache=False, logits_to_keep=1)
+        yield
     finally:
         for h in handles:
             h.remove()
 
 
+@torch.no_grad()
+def observe_inputs(model: torch.nn.Module, linears: dict[str, torch.nn.Module], windows: np.ndarray, batch_size: int,
+                   observe: Callable[[str, torch.Tensor], None], desc: str) -> None:
+    """Run the windows (token ids, or a layer window's hidden states) through the model, handing each linear's
+    input ([tokens, in_features]) to observe(name, x)."""
+    with observing(linears, observe):
+        for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch"):
+            # logits_to_keep=1: the lm_head is not calibrated, so skip most of its cost.
+            run_windows(model, windows[start : start + batch_size], logits_to_keep=1)
+
+
 def collect_input_absmax(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], windows: np.ndarray,
                          batch_size: int = 4) -> dict[str, torch.Tensor]:
     """Run the windows through the model; return fp32 per-input-channel max|x| for each linear."""
-    absmax: dict[str, torch.Tensor] = {}
+    observer = AbsmaxObserver()
+    observe_inputs(model, linears, windows, batch_size, observer, "calibrating")
+    check_finite(observer.absmax)
+    return observer.absmax
 
-    def observe(name: str, x: torch.Tensor) -> None:
+
+class AbsmaxObserver:
+    """observe(name, x) for observe_inputs: keeps the running per-input-channel max|x| of each linear."""
+
+    def __init__(self):
+        self.absmax: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
         cur = x.abs().amax(dim=0).float()
-        prev = absmax.get(name)
-        # fmax would drop NaNs; maximum keeps them so non-finite activations are reported below.
-        absmax[name] = cur if prev is None else torch.maximum(prev, cur)
-
-    observe_inputs(model, linears, windows, batch_size, observe, "calibrating")
-    check_finite(absmax)
-    return absmax
+        prev = self.absmax.get(name)
+        # fmax would drop NaNs; maximum keeps them so non-finite activations are reported by check_finite.
+        self.absmax[name] = cur if prev is None else torch.maximum(prev, cur)
 
 
 def check_finite(absmax: dict[str, torch.Tensor]) -> None:

@@ -94,6 +94,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-attention", action="store_true",
                    help="INT8 attention matmuls (SmoothQuant O3): Q/DQ with calibrated per-tensor scales on both "
                         "inputs of QK^T and PV (default: float)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="calibrate and quantize one decoder layer at a time, read from the checkpoint (peak memory: "
+                        "about one layer plus the calibration hidden states); export and verify still load the model")
     p.add_argument("--max-batch", type=int, default=d_b.max_batch, help="TensorRT profile max batch")
     p.add_argument("--max-input-len", type=int, default=d_b.max_input_len, help="TensorRT prefill profile: longest prompt")
     p.add_argument("--max-seq-len", type=int, default=d_b.max_seq_len,
@@ -209,6 +212,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         export=ExportConfig(kv_cache_int8=args.kv_cache_int8, int8_attention=args.int8_attention),
         build=BuildConfig(max_batch=args.max_batch, max_input_len=args.max_input_len, max_seq_len=args.max_seq_len,
                           require_plan=args.require_plan),
+        low_memory=args.low_memory,
     )
 
 

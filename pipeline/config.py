@@ -147,6 +147,20 @@ class RunConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
+    # Calibrate and quantize one decoder layer at a time (calibration/layer_stream.py). How the stages run, not
+    # what they compute: the same statistics and weights, so it is not part of any stage key.
+    low_memory: bool = False
+
+    def __post_init__(self):
+        if not self.low_memory:
+            return
+        whole_model = {"CALIB=synthetic samples text from the whole model": self.calibration.source == "synthetic",
+                       "ALPHA=grid scores the whole model's perplexity": self.quant.alpha == "grid",
+                       "--accuracy-budget scores the whole model's perplexity": self.quant.accuracy_budget is not None}
+        for reason, present in whole_model.items():
+            if present:
+                raise PipelineError(f"--low-memory runs one layer at a time, but {reason}: drop --low-memory or "
+                                    "that option (a calibration text and ALPHA=auto or a number work layer by layer)")
 
     def to_json(self) -> dict:
         return asdict(self)

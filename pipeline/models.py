@@ -90,27 +90,50 @@ def _from_pretrained_kwargs(source: ModelSource) -> dict:
     return {"gguf_file": source.gguf_file} if source.gguf_file else {}
 
 
-def architecture(source: ModelSource) -> ArchitectureSpec:
+def model_config(source: ModelSource):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source.location, **_from_pretrained_kwargs(source))
+        return AutoConfig.from_pretrained(source.location, **_from_pretrained_kwargs(source))
     except Exception as e:  # transformers/gguf raise many types for unreadable or absent models
         raise PipelineError(f"cannot read the model config of '{source.spec}': {_first_line(e)}") from None
-    return spec_for_model_type(config.model_type)
+
+
+def architecture(source: ModelSource) -> ArchitectureSpec:
+    return spec_for_model_type(model_config(source).model_type)
+
+
+def weight_reader(source: ModelSource):
+    """A reader of the model's float tensors one module at a time (--low-memory), its architecture checked."""
+    from pipeline.layer_reader import GgufReader, SafetensorsReader
+
+    config = model_config(source)
+    spec_for_model_type(config.model_type)
+    if gptq_config(source) is not None:
+        raise PipelineError(f"'{source.spec}' is a GPTQ checkpoint: its weights are already quantized and need no "
+                            "calibration; drop --low-memory")
+    try:
+        if source.kind == "gguf":
+            return GgufReader(Path(source.gguf_file), config)
+        folder = Path(source.location)
+        if source.kind == "hub":
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors"]))
+        return SafetensorsReader(folder, config)
+    except PipelineError:
+        raise
+    except Exception as e:  # gguf / safetensors / hub errors: one line naming the model
+        raise PipelineError(f"cannot read the weights of '{source.spec}': {_first_line(e)}") from None
 
 
 def load(source: ModelSource):
     """(model in FP32 eval mode on CPU, tokenizer). Architecture is checked before any weight is read."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     spec = architecture(source)
     kwargs = _from_pretrained_kwargs(source)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-    except Exception as e:
-        raise PipelineError(f"no usable tokenizer for '{source.spec}' ({_first_line(e)}): save the tokenizer files "
-                            "next to the model") from None
+    tokenizer = load_tokenizer(source)
     log.info("loading %s (%s) in float32", source.spec, source.kind)
     if gptq_config(source) is not None:
         return _load_gptq_checkpoint(source, spec), tokenizer, spec
@@ -119,6 +142,16 @@ def load(source: ModelSource):
     except Exception as e:
         raise PipelineError(f"cannot load the weights of '{source.spec}': {_first_line(e)}") from None
     return model.eval(), tokenizer, spec
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.location, **_from_pretrained_kwargs(source))
+    except Exception as e:
+        raise PipelineError(f"no usable tokenizer for '{source.spec}' ({_first_line(e)}): save the tokenizer files "
+                            "next to the model") from None
 
 
 def gptq_config(source: ModelSource) -> dict | None:

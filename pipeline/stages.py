@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from calibration.data import build_windows
 from calibration.data_check import check_windows
 from calibration.gptq import QuantizedWeight, load_quantized, save_quantized
-from calibration.quant import QuantPlan, fake_quantized
+from calibration.layer_stream import streamed_input_absmax
+from calibration.quant import QuantPlan, check_patterns, fake_quantized
 from calibration.recipe import smooth_and_plan
 from calibration.smoothing import apply_factors
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
@@ -38,6 +39,7 @@ from pipeline.artifacts import (StageRecords, atomic_folder, atomic_path, prepar
 from pipeline.config import RunConfig, digest
 from pipeline.graph_ranges import attention_ranges, kv_cache_scales
 from pipeline.runtime import TOKENIZER
+from pipeline.streamed import streamed_quantize
 from pipeline.weights import FLOAT_MODULES, integer_weights
 from trt_builder import BuildError
 
@@ -78,6 +80,7 @@ class Run:
         self.source = models.resolve(config.model)
         self._fingerprint: str | None = None
         self._loaded = None
+        self._reader = None
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -90,6 +93,12 @@ class Run:
             self._loaded = models.load(self.source)
         model, tokenizer, spec = self._loaded
         return copy.deepcopy(model), tokenizer, spec
+
+    def weight_reader(self):
+        """--low-memory: the checkpoint read one module at a time, never the whole model."""
+        if self._reader is None:
+            self._reader = models.weight_reader(self.source)
+        return self._reader
 
     def path(self, name: str) -> Path:
         return self.out / name
@@ -118,13 +127,21 @@ def calibrate(run: Run) -> None:
     key = digest("calibrate", run.fingerprint(), cfg)
     if _up_to_date(run, "calibrate", key):
         return
-    model, tokenizer, spec = run.model()
+    if run.config.low_memory:  # synthetic calibration (which samples from the model) is refused by RunConfig
+        model, tokenizer, spec = None, models.load_tokenizer(run.source), models.architecture(run.source)
+        config = run.weight_reader().config
+    else:
+        model, tokenizer, spec = run.model()
+        config = model.config
     windows = build_windows(model, tokenizer, cfg.source, cfg.eval_source, cfg.windows, cfg.holdout_windows,
                             cfg.eval_windows, cfg.seq_len, cfg.seed, cfg.chat_template)
-    data_check = check_windows(windows.calibration, windows.holdout, windows.evaluation, model.config.vocab_size)
+    data_check = check_windows(windows.calibration, windows.holdout, windows.evaluation, config.vocab_size)
     for warning in data_check.warnings:
         log.warning("calibration data: %s", warning)
-    absmax = collect_input_absmax(model, quantizable_linears(model, spec), windows.calibration, cfg.batch_size)
+    if model is None:
+        absmax = streamed_input_absmax(run.weight_reader(), spec, windows.calibration, cfg.batch_size)
+    else:
+        absmax = collect_input_absmax(model, quantizable_linears(model, spec), windows.calibration, cfg.batch_size)
     details = {"calibration_origin": windows.calibration_origin, "evaluation_origin": windows.evaluation_origin,
                "windows_sha256": windows.digest(), "seed": cfg.seed, "data_check": data_check.to_json()}
     with atomic_path(run.path(WINDOWS)) as tmp:
@@ -144,20 +161,27 @@ def quantize(run: Run) -> QuantPlan:
     key = digest("quantize", run.records.key("calibrate"), cfg)
     if _up_to_date(run, "quantize", key):
         return QuantPlan.from_json(read_json(run.path(PLAN)))
-    model, _, spec = run.model()
     windows = np.load(run.path(WINDOWS))
     outputs = [FACTORS, PLAN, ALPHA_CHOICE, WEIGHTS]
-    if cfg.recipe.int8_activations:
-        factors, plan, choice = _smoothquant(run, model, spec, windows)
+    if run.config.low_memory:
+        reader, spec = run.weight_reader(), models.architecture(run.source)
+        check_patterns(spec.linear_names(reader.config.num_hidden_layers), cfg.include, cfg.skip)
+        factors, plan, choice, weights = streamed_quantize(reader, spec, cfg, load_stats(run.path(STATS)),
+                                                           windows["calibration"], run.config.calibration.batch_size)
     else:
-        factors, plan, choice = {}, None, {"mode": "none", "reason": f"{cfg.scheme} is weight-only: no smoothing"}
-    float_weights = _linear_weights(model, spec) if cfg.accuracy_budget is not None else None
-    weights, plan = integer_weights(model, spec, plan, cfg, windows["calibration"],
-                                    run.config.calibration.batch_size, _imported_weights(run, model, spec))
-    if cfg.accuracy_budget is not None:
-        plan = _fit_budget(run, model, spec, plan, weights, float_weights, windows["holdout"])
-        outputs.append(BUDGET)
-        weights = {m.name: weights[m.name] for m in plan.quantized()}
+        model, _, spec = run.model()
+        check_patterns(list(quantizable_linears(model, spec)), cfg.include, cfg.skip)
+        if cfg.recipe.int8_activations:
+            factors, plan, choice = _smoothquant(run, model, spec, windows)
+        else:
+            factors, plan, choice = {}, None, {"mode": "none", "reason": f"{cfg.scheme} is weight-only: no smoothing"}
+        float_weights = _linear_weights(model, spec) if cfg.accuracy_budget is not None else None
+        weights, plan = integer_weights(model, spec, plan, cfg, windows["calibration"],
+                                        run.config.calibration.batch_size, _imported_weights(run, model, spec))
+        if cfg.accuracy_budget is not None:
+            plan = _fit_budget(run, model, spec, plan, weights, float_weights, windows["holdout"])
+            outputs.append(BUDGET)
+            weights = {m.name: weights[m.name] for m in plan.quantized()}
     with atomic_path(run.path(FACTORS)) as tmp:
         save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
     with atomic_path(run.path(WEIGHTS)) as tmp:

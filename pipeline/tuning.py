@@ -55,7 +55,7 @@ def choose_alphas(model: torch.nn.Module, fresh_model, spec, absmax: dict[str, t
         choices = search_alphas(model, spec, absmax, search)
         return ({k: c.alpha for k, c in choices.items()},
                 {"mode": "auto", "objective": "relative W8A8 output error of each group's linears",
-                 "tokens": int(search.size), "groups": {k: {"alpha": c.alpha, "error": c.error,
+                 "tokens": int(search.shape[0] * search.shape[1]), "groups": {k: {"alpha": c.alpha, "error": c.error,
                                                             "error_at": c.error_at} for k, c in choices.items()}})
     reference = torch_perplexity(model, holdout, batch_size)
     scores = {}

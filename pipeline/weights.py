@@ -19,10 +19,12 @@ FLOAT_MODULES = {"model.embed_tokens": "embedding lookup, kept float", "lm_head"
 
 
 def integer_weights(model, spec, plan: QuantPlan | None, cfg: QuantConfig, calibration: np.ndarray, batch: int,
-                    imported: dict[str, QuantizedWeight] | None) -> tuple[dict[str, QuantizedWeight], QuantPlan]:
+                    imported: dict[str, QuantizedWeight] | None,
+                    float_calibration: np.ndarray | None = None) -> tuple[dict[str, QuantizedWeight], QuantPlan]:
     """Integer weights of every linear the plan quantizes (W8A8: per channel, after smoothing; weight-only: the
     plan is made here from --include/--skip): imported from a GPTQ checkpoint, or by RTN, or by layer-by-layer
-    GPTQ on the calibration windows."""
+    GPTQ on the calibration windows (token ids, or a layer window's inputs with the float model's beside them
+    in float_calibration)."""
     recipe = cfg.recipe
     int8 = recipe.int8_activations
     names = list(quantizable_linears(model, spec))
@@ -40,7 +42,7 @@ def integer_weights(model, spec, plan: QuantPlan | None, cfg: QuantConfig, calib
         selected = list(outcomes)
         reasons.update({n: "not quantized in the GPTQ checkpoint" for n in names if n not in imported})
     elif method == "gptq":
-        outcomes = gptq_sequential(model, spec, set(selected), calibration, batch, settings)
+        outcomes = gptq_sequential(model, spec, set(selected), calibration, batch, settings, float_calibration)
     elif cfg.weight_clip == "mse":
         power = input_power(model, selected, calibration[: cfg.search_windows], batch)
         clipped = {n: clipped_int8(model.get_submodule(n).weight, power[n]) for n in selected}

@@ -110,6 +110,9 @@ def no_artifacts(out):
     (["--seq-len", "4096"], ["windows", "longer text"]),
     (["--skip", "*.no_such_proj"], ["--skip pattern", "matches no quantizable module"]),
     (["--calib", "missing.txt"], ["does not exist"]),
+    (["--low-memory", "--calib", "synthetic"], ["--low-memory", "synthetic samples text from the whole model"]),
+    (["--low-memory", "--accuracy-budget", "1"], ["--low-memory", "--accuracy-budget scores the whole model"]),
+    (["--low-memory", "--skip", "*.no_such_proj"], ["--skip pattern", "matches no quantizable module"]),
 ])
 def test_bad_options_fail_in_one_line(capsys, tmp_path, tiny_model_dir, corpus, args, fragments):
     out = tmp_path / "out"
