@@ -33,6 +33,9 @@ class WeightReader(Protocol):
     def read(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every float32 tensor named `prefix.<rest>`, keyed by <rest>."""
 
+    def rows(self, name: str, index: np.ndarray) -> torch.Tensor:
+        """Rows `index` (sorted, unique) of the 2-D tensor `name`, float32, without reading the others."""
+
 
 def window_model(reader: WeightReader, spec: ArchitectureSpec, index: int) -> torch.nn.Module:
     """The model with only decoder layer `index`, its weights read; maps that layer's input hidden states to its
@@ -64,9 +67,11 @@ def window_model(reader: WeightReader, spec: ArchitectureSpec, index: int) -> to
 
 @torch.no_grad()
 def embed(reader: WeightReader, spec: ArchitectureSpec, windows: np.ndarray) -> np.ndarray:
-    """[windows, seq_len, hidden] float32 input hidden states of the first layer."""
-    weight = reader.read(spec.embedding)["weight"]
-    return torch.nn.functional.embedding(torch.from_numpy(windows), weight).numpy()
+    """[windows, seq_len, hidden] float32 input hidden states of the first layer. Only the embedding rows of the
+    tokens present are read: the whole table can be as large as a layer (or several, with a big vocabulary)."""
+    tokens, positions = np.unique(windows, return_inverse=True)
+    rows = reader.rows(f"{spec.embedding}.weight", tokens)
+    return torch.nn.functional.embedding(torch.from_numpy(positions.reshape(windows.shape)), rows).numpy()
 
 
 def layer_windows(reader: WeightReader, spec: ArchitectureSpec, desc: str) -> Iterator[torch.nn.Module]:

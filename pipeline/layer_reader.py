@@ -17,6 +17,8 @@ import torch
 
 from pipeline import PipelineError
 
+ROW_BLOCK = 4096  # embedding rows copied out of a safetensors file at a time
+
 
 def _empty_model(config):
     """The whole model on the meta device: parameter names and shapes, no memory."""
@@ -44,6 +46,19 @@ class SafetensorsReader:
             raise PipelineError(f"no .safetensors weights in {folder}: --low-memory reads safetensors or GGUF "
                                 "checkpoints (save the model with save_pretrained(safe_serialization=True))")
 
+    def rows(self, name: str, index: np.ndarray) -> torch.Tensor:
+        """Rows `index` (sorted, unique) of a 2-D tensor, read a block of rows at a time."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), "pt") as f:
+            table = f.get_slice(name)
+            parts = []
+            for start in range(0, table.get_shape()[0], ROW_BLOCK):
+                wanted = index[(index >= start) & (index < start + ROW_BLOCK)]
+                if len(wanted):
+                    parts.append(table[start : start + ROW_BLOCK][torch.from_numpy(wanted - start)].float())
+        return torch.cat(parts)
+
     def read(self, prefix: str) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
@@ -70,13 +85,18 @@ class GgufReader:
         self.names = get_gguf_hf_weights_map(_empty_model(config), self.processor)  # gguf name -> HF name
         self.tensors = {self.names[t.name]: t for t in self.reader.tensors if t.name in self.names}
 
+    def rows(self, name: str, index: np.ndarray) -> torch.Tensor:
+        """Rows `index` of a 2-D tensor, dequantized alone: GGUF stores each row as whole quantization blocks."""
+        tensor = self.tensors[name]
+        return self._dequantized(tensor, tensor.data[index])
+
     def read(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {name[len(prefix) + 1:]: self._dequantized(tensor, tensor.data)
+                for name, tensor in self.tensors.items() if name.startswith(prefix + ".")}
+
+    def _dequantized(self, tensor, data: np.ndarray) -> torch.Tensor:
         from gguf.quants import dequantize
 
-        out = {}
-        for name, tensor in self.tensors.items():
-            if name.startswith(prefix + "."):
-                weights = self.processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
-                                                 tensor_key_mapping=self.names, parsed_parameters=self.parsed).weights
-                out[name[len(prefix) + 1:]] = torch.from_numpy(np.array(weights, dtype=np.float32))
-        return out
+        weights = self.processor.process(weights=dequantize(data, tensor.tensor_type), name=tensor.name,
+                                         tensor_key_mapping=self.names, parsed_parameters=self.parsed).weights
+        return torch.from_numpy(np.require(weights, np.float32, ["W"]))  # F32 tensors come straight off the mmap

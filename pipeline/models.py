@@ -90,7 +90,9 @@ def _from_pretrained_kwargs(source: ModelSource) -> dict:
     return {"gguf_file": source.gguf_file} if source.gguf_file else {}
 
 
+@functools.lru_cache(maxsize=4)
 def model_config(source: ModelSource):
+    """The transformers config, read once per process (for a GGUF file it means parsing all of its metadata)."""
     from transformers import AutoConfig
 
     try:

@@ -68,3 +68,14 @@ def test_gguf_layers_read_alone_equal_what_from_pretrained_loads():
         assert tensors, prefix
         for name, tensor in tensors.items():
             torch.testing.assert_close(tensor, state[f"{prefix}.{name}"], rtol=0, atol=0)
+    index = np.array([0, 17, 4000, 49151])  # rows dequantized alone equal the whole table's rows
+    torch.testing.assert_close(reader.rows("model.embed_tokens.weight", index),
+                               state["model.embed_tokens.weight"][torch.from_numpy(index)], rtol=0, atol=0)
+
+
+def test_embedding_rows_are_read_block_by_block(saved, monkeypatch):
+    model, reader, _ = saved
+    monkeypatch.setattr("pipeline.layer_reader.ROW_BLOCK", 7)  # rows spread over many blocks, some blocks skipped
+    index = np.array([0, 3, 6, 7, 50, 200, 319])
+    torch.testing.assert_close(reader.rows("model.embed_tokens.weight", index),
+                               model.model.embed_tokens.weight[torch.from_numpy(index)], rtol=0, atol=0)
