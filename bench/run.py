@@ -73,6 +73,41 @@ def run_pipeline(args, out: Path, recipe: str) -> dict:
     return {"stages": stages, "report": report}
 
 
+def low_memory_stages(args, out: Path, recipe: str, whole: Path) -> dict:
+    """calibrate and quantize again with --low-memory (own processes, fresh OUT), their peak RSS beside the
+    in-memory run's, and how much of what they saved differs (layer-by-layer batching rounds differently, which
+    can flip a near-tie of the alpha search)."""
+    from calibration.gptq import load_quantized
+
+    shutil.rmtree(out, ignore_errors=True)
+    stages = {}
+    for stage in ("calibrate", "quantize"):
+        print(f"bench: {recipe} --low-memory: {stage}", flush=True)
+        stages[stage] = timed_process(["-m", "pipeline", stage, *pipeline_args(args, out, recipe), "--low-memory"])
+    weights, streamed = (load_quantized(o / "quantized_weights.safetensors") for o in (whole, out))
+    plans = [json.loads((o / "quant_plan.json").read_text())["modules"] for o in (whole, out)]
+    return {"stages": stages,
+            "statistics_identical": (whole / "calibration_stats.safetensors").read_bytes()
+            == (out / "calibration_stats.safetensors").read_bytes(),
+            "plan_entries_differing": sum(a != b for a, b in zip(*plans)) + abs(len(plans[0]) - len(plans[1])),
+            "plan_entries": len(plans[0]),
+            "weight_codes_differing": sum(int((weights[n].codes != streamed[n].codes).sum()) for n in weights),
+            "weight_codes": sum(weights[n].codes.numel() for n in weights)}
+
+
+def memory_estimates(args, recipe: str) -> dict:
+    """What the pipeline prints before a run, for both modes (compared with the measured peaks in bench.md)."""
+    from calibration.architectures import spec_for_model_type
+    from pipeline import cli, models
+    from pipeline.memory import ModelShape, estimate_peaks
+
+    config = models.model_config(models.resolve(args.model))
+    shape = ModelShape.from_config(config, spec_for_model_type(config.model_type).layers)
+    argv = ["engine", *pipeline_args(args, Path("unused"), recipe)]
+    return {mode: estimate_peaks(shape, cli.config_from(cli.parser().parse_args(argv + flag)))
+            for mode, flag in (("in_memory", []), ("low_memory", ["--low-memory"]))}
+
+
 def load_only(model: str) -> dict:
     code = f"from pipeline import models; models.load(models.resolve({model!r}))"
     return timed_process(["-c", code])
@@ -145,7 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
     main_out = root / recipes[0]
     result = {"command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "recipes": recipes, "load": load_only(args.model),
-              "pipeline": runs[recipes[0]]["stages"]}
+              "pipeline": runs[recipes[0]]["stages"],
+              "low_memory": low_memory_stages(args, root / f"{recipes[0]}-low-memory", recipes[0], main_out),
+              "memory_estimates": memory_estimates(args, recipes[0]),
+              "runtime_floor": timed_process(["-c", "import pipeline.stages"])}
     print("bench: plain forwards, statistics and ONNX Runtime evaluation", flush=True)
     result["costs"] = forward_costs(args, main_out)
     print("bench: report from saved artifacts", flush=True)

@@ -238,7 +238,9 @@ def run(argv: list[str] | None = None) -> int:
         config = config_from(args)
         config.build.limits()  # bad limits fail before any stage runs
         current = stages.Run(config)
-        for name in ORDER if args.command == "engine" else (args.command,):
+        names = ORDER if args.command == "engine" else (args.command,)
+        stages.announce_memory(current, names)
+        for name in names:
             stages.STAGES[name](current)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

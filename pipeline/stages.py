@@ -38,6 +38,7 @@ from pipeline.artifacts import (StageRecords, atomic_folder, atomic_path, prepar
                                 versions, write_json)
 from pipeline.config import RunConfig, digest
 from pipeline.graph_ranges import attention_ranges, kv_cache_scales
+from pipeline.memory import STREAMED_STAGES, ModelShape, available_bytes, describe_peaks, estimate_peaks
 from pipeline.runtime import TOKENIZER
 from pipeline.streamed import streamed_quantize
 from pipeline.weights import FLOAT_MODULES, integer_weights
@@ -113,6 +114,29 @@ class Run:
         })
         manifest.setdefault("stages", {})[stage] = {"status": status, **extra}
         write_json(path, manifest)
+
+
+def announce_memory(run: Run, stages: tuple[str, ...]) -> None:
+    """Before any weight is read: the estimated peak of the stages about to run, and a warning when it exceeds
+    the memory available now."""
+    shape = ModelShape.from_config(models.model_config(run.source), models.architecture(run.source).layers)
+    peaks = {s: v for s, v in estimate_peaks(shape, run.config).items() if s in stages}
+    if not peaks:
+        return
+    log.info(describe_peaks(shape, peaks, run.config.low_memory))
+    available, (stage, peak) = available_bytes(), max(peaks.items(), key=lambda kv: kv[1])
+    if available is not None and peak > available:
+        advice = ("try --low-memory" if stage in STREAMED_STAGES and not run.config.low_memory else
+                  f"{stage} holds the whole model: run it on a machine with more memory")
+        log.warning("memory: %s is estimated to peak at %.1f GB but %.1f GB is available: %s", stage, peak / 1e9,
+                    available / 1e9, advice)
+
+
+def _whole_model_notice(run: Run, stage: str) -> None:
+    if run.config.low_memory:
+        log.warning("%s: loads the whole model: --low-memory streams calibrate and quantize only (%s needs every "
+                    "layer at once)", stage, "tracing the ONNX graph" if stage == "export" else "checking the graphs "
+                    "against PyTorch")
 
 
 def _up_to_date(run: Run, stage: str, key: str) -> bool:
@@ -287,6 +311,7 @@ def export(run: Run) -> None:
     if _up_to_date(run, "export", key):
         return
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
+    _whole_model_notice(run, "export")
     model, tokenizer, spec = run.model()
     with atomic_folder(run.path(TOKENIZER)) as tmp:  # a service loading OUT needs nothing else
         tokenizer.save_pretrained(tmp)
@@ -405,6 +430,7 @@ def verify_stage(run: Run) -> dict:
         return read_json(run.path(VERIFICATION))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
     evaluation = np.load(run.path(WINDOWS))["evaluation"]
+    _whole_model_notice(run, "verify")
     model, tokenizer, _ = run.model()
     reference_vs_torch = verify.compare_with_torch(run.path(REFERENCE), model, evaluation[:FAITHFULNESS_WINDOWS],
                                                    "reference ONNX vs PyTorch")

@@ -22,6 +22,10 @@ def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus):
     assert set(r["accuracy"]) == {"w8a8", "w4a16-rtn", "ORT quantize_static"}
     assert set(r["latency"]["smoothtrt W8A8"]) == {"prefill 1x512", "prefill 4x128", "decode step (KV cache)"}
     measured = [t for t in r["targets"] if t["measured"] is not None]
-    assert len(measured) == 9 and all(t["met"] in (True, False) for t in measured)
+    assert len(measured) == 10 and all(t["met"] in (True, False) for t in measured)
+    low = r["low_memory"]  # the layer-by-layer stages saved what the in-memory ones saved
+    assert low["statistics_identical"] and set(low["stages"]) == {"calibrate", "quantize"}
+    assert low["plan_entries_differing"] == 0 and low["weight_codes_differing"] == 0 and low["weight_codes"] > 0
+    assert r["memory_estimates"]["low_memory"]["calibrate"] < r["memory_estimates"]["in_memory"]["calibrate"]
     assert r["report"]["seconds"] > 0 and (tmp_path / "out" / "w8a8" / "report.html").is_file()
     assert "| target | measured | limit | met |" in (results / "bench.md").read_text()

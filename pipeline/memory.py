@@ -1,0 +1,90 @@
+"""Peak memory of each stage, estimated from the model config before anything is loaded.
+
+The model's own sizes come from its config (parameters counted on the meta device: exact). How many copies of
+the weights a stage holds at its peak was measured on SmolLM2-135M (make bench, docs/RESULTS.md): loading a
+checkpoint dequantizes it beside the model and the stage works on a copy (calibrate), tracing and serialising the
+ONNX graphs hold several more (export), ONNX Runtime sessions of two graphs (verify). --low-memory holds one
+decoder layer (two with GPTQ's float twin) and the hidden states of the calibration windows instead.
+An estimate, not a bound: the bench prints it next to the measured peak RSS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import RunConfig
+
+GB = 1e9
+RUNTIME_BYTES = 0.8e9  # Python, torch, transformers, the tokenizer and the tokenized calibration text (SmolLM2)
+# Copies of the FP32 weights each in-memory stage holds at its peak (SmolLM2: 2.72, 1.90, 6.00, 6.17 GB peak RSS).
+WEIGHT_COPIES = {"calibrate": 3.5, "quantize": 1.8, "export": 9.7, "verify": 9.9}
+STREAMED_STAGES = ("calibrate", "quantize")  # the stages --low-memory runs layer by layer
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    parameters: int
+    layer_parameters: int  # the largest decoder layer
+    hidden: int
+    intermediate: int
+    heads: int
+
+    @classmethod
+    def from_config(cls, config, layers_path: str) -> "ModelShape":
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights():  # shapes only, no memory
+            model = AutoModelForCausalLM.from_config(config)
+        model.tie_weights()  # a tied head shares the embedding's parameter: count it once
+        layers = model.get_submodule(layers_path)
+        return cls(sum(p.numel() for p in model.parameters()),
+                   max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+                   config.hidden_size, config.intermediate_size, config.num_attention_heads)
+
+    @property
+    def fp32_bytes(self) -> int:
+        return 4 * self.parameters
+
+
+def activation_bytes(shape: ModelShape, windows: int, seq_len: int) -> float:
+    """One decoder layer's forward over `windows` at once, FP32: attention scores and their softmax, the MLP's
+    three intermediate-width tensors, a few hidden-width ones."""
+    tokens = windows * seq_len
+    return 4 * tokens * (2 * shape.heads * seq_len + 3 * shape.intermediate + 6 * shape.hidden)
+
+
+def estimate_peaks(shape: ModelShape, config: RunConfig) -> dict[str, float]:
+    """Stage -> estimated peak bytes, for the stages as this config runs them."""
+    cal, quant = config.calibration, config.quant
+    batch = activation_bytes(shape, cal.batch_size, cal.seq_len)
+    searched = quant.recipe.int8_activations and quant.smooth and quant.alpha == "auto"  # its windows in one batch
+    active = {stage: batch for stage in WEIGHT_COPIES}
+    active["quantize"] = activation_bytes(shape, quant.search_windows, cal.seq_len) if searched else batch
+    peaks = {stage: RUNTIME_BYTES + copies * shape.fp32_bytes + active[stage] for stage, copies in WEIGHT_COPIES.items()}
+    if config.low_memory:
+        gptq = quant.recipe.weight_method == "gptq"
+        # GPTQ carries its quantized layers' hidden states beside the float ones, and holds both as batch lists.
+        hidden = 4 * cal.windows * cal.seq_len * shape.hidden * (4 if gptq else 1)
+        layer = 4 * shape.layer_parameters * (2 if gptq else 1)
+        peaks.update({stage: RUNTIME_BYTES + layer + hidden + active[stage] for stage in STREAMED_STAGES})
+    return peaks
+
+
+def describe_peaks(shape: ModelShape, peaks: dict[str, float], low_memory: bool) -> str:
+    stages = ", ".join(f"{stage} {value / GB:.1f} GB" for stage, value in peaks.items())
+    streamed = " (--low-memory: calibrate and quantize one layer at a time)" if low_memory else ""
+    return (f"memory estimate: FP32 model {shape.fp32_bytes / GB:.2f} GB, one layer "
+            f"{4 * shape.layer_parameters / GB:.2f} GB; peak per stage {stages}{streamed}")
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

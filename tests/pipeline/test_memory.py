@@ -1,0 +1,48 @@
+"""The peak-memory estimate printed before a run: exact model sizes, --low-memory's scaling, the warning."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pipeline.cli import run
+from pipeline.config import CalibrationConfig, QuantConfig, RunConfig
+from pipeline.memory import ModelShape, estimate_peaks
+from tests.conftest import tiny_config
+from tests.pipeline.test_cli import SMALL
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameters_are_counted_as_the_loaded_model_holds_them(tied):
+    config = tiny_config()
+    config.tie_word_embeddings = tied
+    model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    shape = ModelShape.from_config(config, "model.layers")
+    assert shape.parameters == sum(p.numel() for p in model.parameters())
+    assert shape.layer_parameters == sum(p.numel() for p in model.model.layers[0].parameters())
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16-gptq"])
+def test_low_memory_peak_of_a_7b_model_is_a_small_fraction_of_its_weights(scheme):
+    config = AutoConfig.for_model("llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    shape = ModelShape.from_config(config, "model.layers")
+    assert 6.5e9 < shape.parameters < 7e9  # Llama-2-7B's shape, counted on the meta device
+    whole = estimate_peaks(shape, RunConfig("m", "o", CalibrationConfig("a.txt"), QuantConfig(scheme=scheme)))
+    streamed = estimate_peaks(shape, RunConfig("m", "o", CalibrationConfig("a.txt"), QuantConfig(scheme=scheme),
+                                               low_memory=True))
+    for stage in ("calibrate", "quantize"):
+        assert whole[stage] > shape.fp32_bytes
+        assert streamed[stage] < 0.25 * shape.fp32_bytes, stage
+    assert streamed["export"] == whole["export"]  # export still traces the whole model: no pretence otherwise
+
+
+def test_estimate_is_logged_before_the_stage_and_warns_when_memory_is_short(tmp_path, tiny_model_dir, corpus,
+                                                                            caplog, monkeypatch):
+    monkeypatch.setattr("pipeline.stages.available_bytes", lambda: 1)
+    caplog.set_level("INFO")
+    argv = ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--calib", str(corpus), *SMALL]
+    assert run(argv) == 0
+    estimate = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("memory estimate:"))
+    assert "calibrate" in estimate and "export" not in estimate  # only the stages about to run
+    assert "try --low-memory" in caplog.text
