@@ -31,7 +31,7 @@ ARGS = --model $(MODEL) --calib $(CALIB) --quant $(QUANT) --group-size $(GROUP_S
        $(if $(filter 1,$(KV_INT8)),--kv-cache-int8) $(if $(filter 1,$(INT8_ATTENTION)),--int8-attention) $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET)) \
        $(if $(SKIP_FILE),--skip-file $(SKIP_FILE)) $(if $(filter 1,$(CHAT_TEMPLATE)),--chat-template) $(if $(filter 1,$(LOW_MEMORY)),--low-memory)
 
-.PHONY: setup engine calibrate quantize export build verify report serve triton bench test
+.PHONY: setup engine calibrate quantize export build verify report serve triton bench test troubleshooting
 setup:
 	python3 -m venv .venv
 	.venv/bin/pip install -q torch==2.13.0
@@ -67,3 +67,7 @@ bench:
 
 test:
 	$(PY) -m pytest -q
+
+# README's troubleshooting table from the error list (pipeline/troubleshooting.py)
+troubleshooting:
+	$(PY) -m pipeline.troubleshooting README.md

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.artifacts import atomic_path
+from pipeline import troubleshooting
 from pipeline.cli import run
 from tests.conftest import tiny_model
 
@@ -98,6 +99,7 @@ def assert_one_line_error(capsys, code, *fragments):
     assert err.startswith("error: "), err
     for fragment in fragments:
         assert fragment in err, err
+    assert troubleshooting.find(err) is not None, f"not in the README's error list (pipeline/troubleshooting.py): {err}"
 
 
 def no_artifacts(out):
