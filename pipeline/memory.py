@@ -10,6 +10,8 @@ An estimate, not a bound: the bench prints it next to the measured peak RSS.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from dataclasses import dataclass
 
 from pipeline.config import RunConfig
@@ -88,3 +90,14 @@ def available_bytes() -> int | None:
     except OSError:
         return None
     return None
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the operating system between large steps (one ONNX graph and the next): a
+    graph's protobuf buffers are freed in pieces glibc keeps for reuse, so without this each graph's peak would
+    stack on the previous one's."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass

@@ -38,7 +38,8 @@ from pipeline.artifacts import (StageRecords, atomic_folder, atomic_path, prepar
                                 versions, write_json)
 from pipeline.config import RunConfig, digest
 from pipeline.graph_ranges import attention_ranges, kv_cache_scales
-from pipeline.memory import STREAMED_STAGES, ModelShape, available_bytes, describe_peaks, estimate_peaks
+from pipeline.memory import (STREAMED_STAGES, ModelShape, available_bytes, describe_peaks, estimate_peaks,
+                            release_memory)
 from pipeline.runtime import TOKENIZER
 from pipeline.streamed import streamed_quantize
 from pipeline.weights import FLOAT_MODULES, integer_weights
@@ -280,10 +281,10 @@ def linear_quantizations(plan: QuantPlan, weights: dict[str, QuantizedWeight]) -
                            weights[e.name].group_size, e.input_scale, weights[e.name].bits) for e in plan.quantized()]
 
 
-def save_onnx(graph: ir.Model, path: Path, threshold: int) -> None:
-    """Write the graph (with `<name>.data` beside it when its tensors exceed `threshold` bytes: protobuf's 2 GB
-    limit) into a temporary folder, check it, then move the data and finally the graph into place, so a crash or a
-    full disk never leaves a graph, or data, that is half written."""
+def save_onnx(graph: ir.Model, path: Path, threshold: int) -> list[str]:
+    """Write the graph (with `<name>.data` beside it when its tensors exceed `threshold` bytes, ExportConfig) into
+    a temporary folder, check it, then move the data and finally the graph into place, so a crash or a full disk
+    never leaves a graph, or data, that is half written. Returns the file names written."""
     size = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
     external = path.name + ".data" if size > threshold else None
     with scratch_folder(path) as tmp:
@@ -291,7 +292,10 @@ def save_onnx(graph: ir.Model, path: Path, threshold: int) -> None:
         check_onnx_file(tmp / path.name)
         if external:
             os.replace(tmp / external, path.with_name(external))
+        else:
+            path.with_name(path.name + ".data").unlink(missing_ok=True)  # an older export's data
         os.replace(tmp / path.name, path)
+    return [path.name] + ([external] if external else [])
 
 
 def _graph_ranges(run: Run, graph: ir.Model, observe, saved_as: str, what: str) -> dict[str, float]:
@@ -316,13 +320,14 @@ def export(run: Run) -> None:
     with atomic_folder(run.path(TOKENIZER)) as tmp:  # a service loading OUT needs nothing else
         tokenizer.save_pretrained(tmp)
     names = list(quantizable_linears(model, spec))
+    outputs = [f"{TOKENIZER}/{p.name}" for p in sorted(run.path(TOKENIZER).iterdir())]
     for dtype, name in ((torch.float32, REFERENCE), (torch.float16, REFERENCE_FP16)):
         log.info("export: %s (reference %s decoder graph with KV cache)", name, dtype)
-        save_onnx(export_model(model, dtype, cfg.opset, names), run.path(name), cfg.external_data_threshold)
+        outputs += save_onnx(export_model(model, dtype, cfg.opset, names), run.path(name), cfg.external_data_threshold)
+        release_memory()
     del model
     model, _ = smoothed_model(run)
     linears = linear_quantizations(plan, load_quantized(run.path(WEIGHTS)))
-    outputs = [REFERENCE, REFERENCE_FP16] + [f"{TOKENIZER}/{p.name}" for p in sorted(run.path(TOKENIZER).iterdir())]
     kv_scales_found = attention_found = None
     for dtype, scale_dtype, name in ((torch.float32, np.float32, QUANTIZED), (torch.float16, np.float16, QUANTIZED_FP16)):
         log.info("export: %s (%s graph, %d quantized linears)", name, dtype, len(linears))
@@ -342,8 +347,9 @@ def export(run: Run) -> None:
         lint_or_raise(graph, name)
         if name == QUANTIZED:
             write_json(run.path(MODULE_MAP), module_node_map(graph))
-        save_onnx(graph, run.path(name), cfg.external_data_threshold)
-        outputs.append(name)
+        outputs += save_onnx(graph, run.path(name), cfg.external_data_threshold)
+        del graph
+        release_memory()
     quant = run.config.quant
     if not quant.recipe.int8_activations:
         log.info("export: %s/ (Hugging Face GPTQ layout of the same integer weights)", CHECKPOINT)
