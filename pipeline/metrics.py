@@ -13,17 +13,30 @@ import numpy as np
 import torch
 
 
+# Positions converted to float64 at a time: a whole SmolLM2 window is 512 x 49,152 logits, 200 MB per float64 copy,
+# and the metrics make several; chunks keep verify's memory to a few MB of temporaries.
+CHUNK_ROWS = 64
+
+
 def _rows(x: np.ndarray | torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     t = torch.as_tensor(x)
     return t.reshape(-1, t.shape[-1]).to(dtype)
 
 
+def _row_chunks(x: np.ndarray | torch.Tensor):
+    """[positions, features] float64 pieces of x, CHUNK_ROWS positions each."""
+    t = torch.as_tensor(x)
+    return (chunk.to(torch.float64) for chunk in t.reshape(-1, t.shape[-1]).split(CHUNK_ROWS))
+
+
 def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     """Sum and count of -log p(token t+1 | tokens <= t) over a [batch, seq] window: logsumexp - target logit."""
-    x = _rows(logits[:, :-1])
-    target = torch.as_tensor(ids[:, 1:]).reshape(-1, 1).long()
-    nll = torch.logsumexp(x, dim=-1) - x.gather(-1, target).squeeze(-1)
-    return float(nll.sum()), int(nll.numel())
+    targets = torch.as_tensor(ids[:, 1:]).reshape(-1, 1).long().split(CHUNK_ROWS)
+    total, count = 0.0, 0
+    for x, target in zip(_row_chunks(logits[:, :-1]), targets):
+        nll = torch.logsumexp(x, dim=-1) - x.gather(-1, target).squeeze(-1)
+        total, count = total + float(nll.sum()), count + int(nll.numel())
+    return total, count
 
 
 def cosines(a, b) -> np.ndarray:
@@ -74,21 +87,24 @@ class PairStats:
     positions: int = 0
 
     def add(self, baseline: np.ndarray, candidate: np.ndarray) -> None:
-        base, cand = _rows(baseline), _rows(candidate)  # [positions, features] float64, converted once
-        error = cand - base
-        magnitude = error.abs()
-        self.window_cosines.append(float(cosines(base, cand).mean()))
-        self.max_abs = max(self.max_abs, float(magnitude.max()))
-        self.abs_sum += float(magnitude.sum())
-        self.signal_power += float((base * base).sum())
-        self.error_power += float((error * error).sum())
-        self.elements += error.numel()
-        self.top1_same += int((base.argmax(-1) == cand.argmax(-1)).sum())
-        self.top5_hits += int(top_k_hits(base, cand, 5).sum())
-        kl = kl_divergence(base, cand)
-        self.kl_sum += float(kl.sum())
-        self.kl_max = max(self.kl_max, float(kl.max()))
-        self.positions += kl.size
+        """One window's logits, a chunk of positions at a time."""
+        window_cosines = []
+        for base, cand in zip(_row_chunks(baseline), _row_chunks(candidate)):
+            error = cand - base
+            magnitude = error.abs()
+            window_cosines.append(cosines(base, cand))
+            self.max_abs = max(self.max_abs, float(magnitude.max()))
+            self.abs_sum += float(magnitude.sum())
+            self.signal_power += float((base * base).sum())
+            self.error_power += float((error * error).sum())
+            self.elements += error.numel()
+            self.top1_same += int((base.argmax(-1) == cand.argmax(-1)).sum())
+            self.top5_hits += int(top_k_hits(base, cand, 5).sum())
+            kl = kl_divergence(base, cand)
+            self.kl_sum += float(kl.sum())
+            self.kl_max = max(self.kl_max, float(kl.max()))
+            self.positions += kl.size
+        self.window_cosines.append(float(np.concatenate(window_cosines).mean()))
 
     def summary(self) -> dict:
         positions = max(self.positions, 1)

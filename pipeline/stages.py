@@ -89,11 +89,16 @@ class Run:
             self._fingerprint = self.source.fingerprint()
         return self._fingerprint
 
-    def model(self):
-        """A fresh FP32 copy of the model (stages mutate it by smoothing), its tokenizer and architecture spec."""
+    def model(self, last_use: bool = False):
+        """A fresh FP32 copy of the model (stages mutate it by smoothing), its tokenizer and architecture spec.
+        last_use: the loaded model itself, dropped from the cache (one copy fewer in memory; a later call loads
+        it again)."""
         if self._loaded is None:
             self._loaded = models.load(self.source)
         model, tokenizer, spec = self._loaded
+        if last_use:
+            self._loaded = None
+            return model, tokenizer, spec
         return copy.deepcopy(model), tokenizer, spec
 
     def weight_reader(self):
@@ -268,8 +273,9 @@ def _imported_weights(run: Run, model, spec) -> dict[str, QuantizedWeight] | Non
 
 def smoothed_model(run: Run):
     """The float model as the Q/DQ graph holds it: smoothing factors folded, kept-float weight matrices rounded to
-    the FP16 the graph stores them in (quantized linears get their integer weights from the quantize stage)."""
-    model, tokenizer, spec = run.model()
+    the FP16 the graph stores them in (quantized linears get their integer weights from the quantize stage).
+    A stage's last use of the float model."""
+    model, tokenizer, spec = run.model(last_use=True)
     apply_factors(model, spec, load_file(str(run.path(FACTORS))))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
     round_kept_float_weights(model, {m.name for m in plan.quantized()})
@@ -325,6 +331,12 @@ def export(run: Run) -> None:
         log.info("export: %s (reference %s decoder graph with KV cache)", name, dtype)
         outputs += save_onnx(export_model(model, dtype, cfg.opset, names), run.path(name), cfg.external_data_threshold)
         release_memory()
+    quant = run.config.quant
+    if not quant.recipe.int8_activations:
+        log.info("export: %s/ (Hugging Face GPTQ layout of the same integer weights)", CHECKPOINT)
+        write_checkpoint(run.path(CHECKPOINT), model, tokenizer, load_quantized(run.path(WEIGHTS)),
+                         quantization_config(quant.recipe.weight_bits, quant.group_size, quant.act_order, quant.damp))
+        outputs += [f"{CHECKPOINT}/{p.name}" for p in sorted(run.path(CHECKPOINT).iterdir())]
     del model
     model, _ = smoothed_model(run)
     linears = linear_quantizations(plan, load_quantized(run.path(WEIGHTS)))
@@ -350,13 +362,6 @@ def export(run: Run) -> None:
         outputs += save_onnx(graph, run.path(name), cfg.external_data_threshold)
         del graph
         release_memory()
-    quant = run.config.quant
-    if not quant.recipe.int8_activations:
-        log.info("export: %s/ (Hugging Face GPTQ layout of the same integer weights)", CHECKPOINT)
-        model, tokenizer, _ = run.model()
-        write_checkpoint(run.path(CHECKPOINT), model, tokenizer, load_quantized(run.path(WEIGHTS)),
-                         quantization_config(quant.recipe.weight_bits, quant.group_size, quant.act_order, quant.damp))
-        outputs += [f"{CHECKPOINT}/{p.name}" for p in sorted(run.path(CHECKPOINT).iterdir())]
     if cfg.kv_cache_int8:
         outputs.append(KV_SCALES)
     if cfg.int8_attention:

@@ -38,3 +38,20 @@ def test_pair_stats_and_nll_on_a_tiny_example():
     assert summary["top1_agreement"] == 1.0 and summary["positions"] == 2
     total, count = next_token_nll(base, np.array([[0, 1]]))
     assert count == 1 and total == pytest.approx(math.log(math.exp(2) + 2))  # p(token 1) from position 0
+
+
+def test_chunked_window_metrics_equal_the_whole_window_ones(monkeypatch):
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(1, 200, 50)).astype(np.float32)
+    cand = base + rng.normal(scale=0.1, size=base.shape).astype(np.float32)
+    ids = rng.integers(0, 50, (1, 200))
+    whole, chunked = PairStats(), PairStats()
+    monkeypatch.setattr("pipeline.metrics.CHUNK_ROWS", 1000)  # one chunk: the window at once
+    whole.add(base, cand)
+    nll_whole = next_token_nll(base, ids)
+    monkeypatch.setattr("pipeline.metrics.CHUNK_ROWS", 7)  # 200 positions in 29 uneven chunks
+    chunked.add(base, cand)
+    assert next_token_nll(base, ids)[1] == nll_whole[1] == 199
+    assert next_token_nll(base, ids)[0] == pytest.approx(nll_whole[0], rel=1e-12)
+    for key, value in whole.summary().items():
+        assert chunked.summary()[key] == pytest.approx(value, rel=1e-12), key
