@@ -448,8 +448,10 @@ def verify_stage(run: Run) -> dict:
     generation = generation_check(run, model, tokenizer)
     del model
     accuracy = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED), evaluation, "reference vs Q/DQ ONNX")
+    release_memory()  # each check's ONNX Runtime sessions are gone: do not stack the next one's peak on them
     floors = verify.precision_floors(run.path(REFERENCE), run.path(REFERENCE_FP16), run.path(QUANTIZED),
                                      run.path(QUANTIZED_FP16), evaluation[:FP16_GRAPH_WINDOWS])
+    release_memory()
     model, _ = smoothed_model(run)
     layerwise_check(run, model, plan, evaluation[:LAYERWISE_WINDOWS])
     dequantized = {name: q.dequantize() for name, q in load_quantized(run.path(WEIGHTS)).items()}
