@@ -16,7 +16,7 @@ error grows).
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,58 @@ def channel_absmax(x: np.ndarray) -> np.ndarray:
     return np.abs(x.reshape(-1, x.shape[-1])).max(0).astype(np.float32)
 
 
+# Decoder layers whose probes one ONNX Runtime pass marks: every probe of a window comes back at once (SmolLM2:
+# ~0.7 GB per graph for all 30 layers), so the diff runs in passes of a few layers.
+LAYERS_PER_PASS = 10
+
+
+@dataclass
+class _Accumulated:
+    """What the passes add up, per module and per block, in execution order."""
+
+    local: dict[str, TensorError] = field(default_factory=dict)
+    accumulated: dict[str, TensorError] = field(default_factory=dict)
+    clipped: dict[str, list[float]] = field(default_factory=dict)
+    channels: dict[str, np.ndarray] = field(default_factory=dict)
+    blocks: dict[str, TensorError] = field(default_factory=dict)
+
+
+def layer_passes(modules: list[str], layers_per_pass: int) -> list[list[str]]:
+    """The modules grouped so that each pass holds whole decoder layers."""
+    layers = list(dict.fromkeys(layer_of(m) for m in modules))
+    return [[m for m in modules if layer_of(m) in layers[i : i + layers_per_pass]]
+            for i in range(0, len(layers), layers_per_pass)]
+
+
+def _diff_pass(folder: Path, reference: Path, quantized: Path, modules: list[str], windows: np.ndarray,
+               float_weights: dict[str, np.ndarray], output_factors: dict[str, np.ndarray], acc: _Accumulated) -> None:
+    from pipeline.verify import onnx_runner, window_feeder
+
+    folder.mkdir()
+    ref_path, ref_probes, ref_weights = _marked_copy(reference, modules, folder / "reference")
+    q_path, q_probes, q_weights = _marked_copy(quantized, modules, folder / "quantized")
+    for m in q_probes.gemm_outputs:  # execution order
+        acc.local[m], acc.accumulated[m], acc.clipped[m] = TensorError(), TensorError(), []
+        acc.channels[f"{m}/weight_before"], acc.channels[f"{m}/weight_after"] = ref_weights[m], q_weights[m]
+    acc.blocks.update({layer: TensorError() for layer in q_probes.block_outputs})
+    with onnx_runner(ref_path) as ref_runner, onnx_runner(q_path) as q_runner:
+        ref_feed, q_feed = window_feeder(ref_runner), window_feeder(q_runner)
+        for window in tqdm(windows, desc=f"layer-wise diff ({len(modules)} GEMMs)", unit="window"):
+            ref, got = ref_runner.infer(ref_feed(window)), q_runner.infer(q_feed(window))
+            for m in q_probes.gemm_outputs:
+                y_q, x = got[q_probes.gemm_outputs[m]], got[q_probes.gemm_inputs[m]]
+                factor = output_factors.get(m)
+                acc.accumulated[m].add(ref[ref_probes.gemm_outputs[m]], y_q * factor if factor is not None else y_q)
+                acc.local[m].add(x.astype(np.float32) @ float_weights[m], y_q)
+                if m in q_probes.input_scales:
+                    acc.clipped[m].append(clipped_fraction(x, q_probes.input_scales[m]))
+                for key, value in ((f"{m}/activation_before", ref[ref_probes.gemm_inputs[m]]),
+                                   (f"{m}/activation_after", x)):
+                    acc.channels[key] = np.maximum(acc.channels.get(key, 0.0), channel_absmax(value))
+            for layer in q_probes.block_outputs:
+                acc.blocks[layer].add(ref[ref_probes.block_outputs[layer]], got[q_probes.block_outputs[layer]])
+
+
 def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_weights: dict[str, np.ndarray],
                    output_factors: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
     """float_weights: each quantized module's smoothed float weight in MatMul layout [in, out];
@@ -84,40 +136,16 @@ def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_
     Returns the per-GEMM and per-block errors, and per module the input-channel absmax of its activation and
     weight in the reference graph ("before") and in the Q/DQ graph ("after": smoothed; weights dequantized),
     measured on the same windows, for the outlier analysis."""
-    from pipeline.verify import onnx_runner, window_feeder
-
-    modules = list(float_weights)
-    local = {m: TensorError() for m in modules}
-    accumulated = {m: TensorError() for m in modules}
-    clipped = {m: [] for m in modules}
-    channels: dict[str, np.ndarray] = {}
+    acc = _Accumulated()
     with tempfile.TemporaryDirectory() as tmp:
-        ref_path, ref_probes, ref_weights = _marked_copy(reference, modules, Path(tmp) / "reference")
-        q_path, q_probes, q_weights = _marked_copy(quantized, modules, Path(tmp) / "quantized")
-        for m in modules:
-            channels[f"{m}/weight_before"], channels[f"{m}/weight_after"] = ref_weights[m], q_weights[m]
-        blocks = {layer: TensorError() for layer in q_probes.block_outputs}
-        with onnx_runner(ref_path) as ref_runner, onnx_runner(q_path) as q_runner:
-            ref_feed, q_feed = window_feeder(ref_runner), window_feeder(q_runner)
-            for window in tqdm(windows, desc="layer-wise diff", unit="window"):
-                ref, got = ref_runner.infer(ref_feed(window)), q_runner.infer(q_feed(window))
-                for m in q_probes.gemm_outputs:
-                    y_q, x = got[q_probes.gemm_outputs[m]], got[q_probes.gemm_inputs[m]]
-                    factor = output_factors.get(m)
-                    accumulated[m].add(ref[ref_probes.gemm_outputs[m]], y_q * factor if factor is not None else y_q)
-                    local[m].add(x.astype(np.float32) @ float_weights[m], y_q)
-                    if m in q_probes.input_scales:
-                        clipped[m].append(clipped_fraction(x, q_probes.input_scales[m]))
-                    for key, value in ((f"{m}/activation_before", ref[ref_probes.gemm_inputs[m]]),
-                                       (f"{m}/activation_after", x)):
-                        channels[key] = np.maximum(channels.get(key, 0.0), channel_absmax(value))
-                for layer, error in blocks.items():
-                    error.add(ref[ref_probes.block_outputs[layer]], got[q_probes.block_outputs[layer]])
-    gemms = [{"module": m, "layer": layer_of(m), "local_snr_db": local[m].snr_db(),
-              "output_snr_db": accumulated[m].snr_db(), "output_cosine": float(accumulated[m].cosine()),
-              "input_clipped_fraction": float(np.mean(clipped[m])) if clipped[m] else None}
-             for m in q_probes.gemm_outputs]
-    return {"windows": len(windows), "gemms": gemms, "blocks": block_rows(blocks), **findings(gemms)}, channels
+        for i, modules in enumerate(layer_passes(list(float_weights), LAYERS_PER_PASS)):
+            _diff_pass(Path(tmp) / f"pass{i}", reference, quantized, modules, windows, float_weights, output_factors,
+                       acc)
+    gemms = [{"module": m, "layer": layer_of(m), "local_snr_db": acc.local[m].snr_db(),
+              "output_snr_db": acc.accumulated[m].snr_db(), "output_cosine": float(acc.accumulated[m].cosine()),
+              "input_clipped_fraction": float(np.mean(acc.clipped[m])) if acc.clipped[m] else None}
+             for m in acc.local]
+    return {"windows": len(windows), "gemms": gemms, "blocks": block_rows(acc.blocks), **findings(gemms)}, acc.channels
 
 
 def block_rows(blocks: dict[str, TensorError]) -> list[dict]:

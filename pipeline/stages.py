@@ -204,7 +204,7 @@ def quantize(run: Run) -> QuantPlan:
         if cfg.recipe.int8_activations:
             factors, plan, choice = _smoothquant(run, model, spec, windows)
         else:
-            factors, plan, choice = {}, None, {"mode": "none", "reason": f"{cfg.scheme} is weight-only: no smoothing"}
+            factors, plan, choice = {}, None, tuning.weight_only_choice(cfg)
         float_weights = _linear_weights(model, spec) if cfg.accuracy_budget is not None else None
         weights, plan = integer_weights(model, spec, plan, cfg, windows["calibration"],
                                         run.config.calibration.batch_size, _imported_weights(run, model, spec))

@@ -58,7 +58,7 @@ def merged_plan(plans: list[QuantPlan]) -> QuantPlan:
 
 def merged_choice(choices: list[dict], cfg: QuantConfig) -> dict:
     if not choices:
-        return {"mode": "none", "reason": f"{cfg.scheme} is weight-only: no smoothing"}
+        return tuning.weight_only_choice(cfg)
     merged = dict(choices[0])
     if "groups" in merged:  # ALPHA=auto: one entry per smoothing group, each window adds its own
         merged["groups"] = {k: v for c in choices for k, v in c["groups"].items()}

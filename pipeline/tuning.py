@@ -38,6 +38,10 @@ def recipe_for(cfg: QuantConfig, alphas: dict[str, float], label: float | str) -
     return Recipe(alphas if cfg.smooth else {}, label, cfg.range_estimator, cfg.percentile, cfg.include, cfg.skip)
 
 
+def weight_only_choice(cfg: QuantConfig) -> dict:
+    return {"mode": "none", "reason": f"{cfg.scheme} is weight-only: no smoothing"}
+
+
 def choose_alphas(model: torch.nn.Module, fresh_model, spec, absmax: dict[str, torch.Tensor], cfg: QuantConfig,
                   calibration: np.ndarray, holdout: np.ndarray, batch_size: int,
                   float_modules: dict[str, str]) -> tuple[dict[str, float], dict]:

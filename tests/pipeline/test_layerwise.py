@@ -153,3 +153,17 @@ def test_weight_channels_after_smoothing_are_the_exported_int8_weights(finished)
     for name, weight in load_quantized(finished / stages.WEIGHTS).items():
         expected = weight.dequantize().abs().amax(dim=0).numpy()  # [out, in] -> per input channel
         np.testing.assert_allclose(channels[f"{name}/weight_after"], expected, rtol=1e-6)
+
+
+def test_the_diff_in_passes_of_one_layer_equals_the_diff_in_one_pass(finished, diff_inputs, monkeypatch):
+    windows, float_weights, factors = diff_inputs
+    whole, whole_channels = layerwise_diff(finished / stages.REFERENCE, finished / stages.QUANTIZED, windows,
+                                           float_weights, factors)
+    monkeypatch.setattr("pipeline.layerwise.LAYERS_PER_PASS", 1)  # two passes: layer 0, then layer 1
+    passes, passes_channels = layerwise_diff(finished / stages.REFERENCE, finished / stages.QUANTIZED, windows,
+                                             float_weights, factors)
+    assert passes == whole  # same GEMMs in the same order, same block drops across the pass boundary
+    assert passes["blocks"][1]["snr_drop_db"] is not None
+    assert set(passes_channels) == set(whole_channels)
+    for key, value in whole_channels.items():
+        np.testing.assert_array_equal(passes_channels[key], value)
