@@ -6,8 +6,9 @@ are the layer's output hidden states. The window keeps the layer's real index, s
 (model.layers.<i>.mlp.down_proj) are the full model's, and every calibration function that takes a model
 (statistics hooks, smoothing, range estimators, GPTQ) runs on it unchanged, fed hidden states instead of tokens.
 
-Peak memory is one layer's weights, the embedding while the first hidden states are computed, and the hidden
-states of the windows (windows x seq_len x hidden x 4 bytes, updated in place layer after layer).
+Peak memory is one layer's weights, its activations for one batch, and the hidden states of the windows
+(windows x seq_len x hidden x 4 bytes, updated in place layer after layer); of the embedding only the rows of the
+tokens present are read.
 """
 
 from __future__ import annotations

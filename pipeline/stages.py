@@ -192,26 +192,14 @@ def quantize(run: Run) -> QuantPlan:
     if _up_to_date(run, "quantize", key):
         return QuantPlan.from_json(read_json(run.path(PLAN)))
     windows = np.load(run.path(WINDOWS))
-    outputs = [FACTORS, PLAN, ALPHA_CHOICE, WEIGHTS]
-    if run.config.low_memory:
+    outputs = [FACTORS, PLAN, ALPHA_CHOICE, WEIGHTS] + ([BUDGET] if cfg.accuracy_budget is not None else [])
+    if run.config.low_memory:  # RunConfig refuses --accuracy-budget with it
         reader, spec = run.weight_reader(), models.architecture(run.source)
         check_patterns(spec.linear_names(reader.config.num_hidden_layers), cfg.include, cfg.skip)
         factors, plan, choice, weights = streamed_quantize(reader, spec, cfg, load_stats(run.path(STATS)),
                                                            windows["calibration"], run.config.calibration.batch_size)
     else:
-        model, _, spec = run.model()
-        check_patterns(list(quantizable_linears(model, spec)), cfg.include, cfg.skip)
-        if cfg.recipe.int8_activations:
-            factors, plan, choice = _smoothquant(run, model, spec, windows)
-        else:
-            factors, plan, choice = {}, None, tuning.weight_only_choice(cfg)
-        float_weights = _linear_weights(model, spec) if cfg.accuracy_budget is not None else None
-        weights, plan = integer_weights(model, spec, plan, cfg, windows["calibration"],
-                                        run.config.calibration.batch_size, _imported_weights(run, model, spec))
-        if cfg.accuracy_budget is not None:
-            plan = _fit_budget(run, model, spec, plan, weights, float_weights, windows["holdout"])
-            outputs.append(BUDGET)
-            weights = {m.name: weights[m.name] for m in plan.quantized()}
+        factors, plan, choice, weights = _quantize_in_memory(run, windows)
     with atomic_path(run.path(FACTORS)) as tmp:
         save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp))
     with atomic_path(run.path(WEIGHTS)) as tmp:
@@ -223,6 +211,24 @@ def quantize(run: Run) -> QuantPlan:
                         alpha_mode=choice["mode"], range_estimator=cfg.range_estimator)
     report.print_plan(plan)
     return plan
+
+
+def _quantize_in_memory(run: Run, windows) -> tuple[dict, QuantPlan, dict, dict[str, QuantizedWeight]]:
+    """(smoothing factors, plan, alpha choice, integer weights) with the whole model loaded."""
+    cfg = run.config.quant
+    model, _, spec = run.model()
+    check_patterns(list(quantizable_linears(model, spec)), cfg.include, cfg.skip)
+    if cfg.recipe.int8_activations:
+        factors, plan, choice = _smoothquant(run, model, spec, windows)
+    else:
+        factors, plan, choice = {}, None, tuning.weight_only_choice(cfg)
+    float_weights = _linear_weights(model, spec) if cfg.accuracy_budget is not None else None
+    weights, plan = integer_weights(model, spec, plan, cfg, windows["calibration"],
+                                    run.config.calibration.batch_size, _imported_weights(run, model, spec))
+    if cfg.accuracy_budget is not None:
+        plan = _fit_budget(run, model, spec, plan, weights, float_weights, windows["holdout"])
+        weights = {m.name: weights[m.name] for m in plan.quantized()}
+    return factors, plan, choice, weights
 
 
 def _smoothquant(run: Run, model, spec, windows):
