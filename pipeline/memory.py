@@ -2,9 +2,9 @@
 
 The model's own sizes come from its config (parameters counted on the meta device: exact). How many copies of
 the weights a stage holds at its peak was measured on SmolLM2-135M (make bench, docs/RESULTS.md): loading a
-checkpoint dequantizes it beside the model and the stage works on a copy (calibrate), tracing and serialising the
-ONNX graphs hold several more (export), ONNX Runtime sessions of two graphs (verify). --low-memory holds one
-decoder layer (two with GPTQ's float twin) and the hidden states of the calibration windows instead.
+checkpoint dequantizes it beside the model and the stage works on a copy (calibrate), tracing holds the graph
+beside the model (export), ONNX Runtime sessions, the PyTorch model and stored logits (verify). --low-memory holds
+one decoder layer (two with GPTQ's float twin) and the hidden states of the calibration windows instead.
 An estimate, not a bound: the bench prints it next to the measured peak RSS.
 """
 
