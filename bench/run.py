@@ -97,12 +97,10 @@ def low_memory_stages(args, out: Path, recipe: str, whole: Path) -> dict:
 
 def memory_estimates(args, recipe: str) -> dict:
     """What the pipeline prints before a run, for both modes (compared with the measured peaks in bench.md)."""
-    from calibration.architectures import spec_for_model_type
     from pipeline import cli, models
     from pipeline.memory import ModelShape, estimate_peaks
 
-    config = models.model_config(models.resolve(args.model))
-    shape = ModelShape.from_config(config, spec_for_model_type(config.model_type).layers)
+    shape = ModelShape.of_model(models.resolve(args.model))
     argv = ["engine", *pipeline_args(args, Path("unused"), recipe)]
     return {mode: estimate_peaks(shape, cli.config_from(cli.parser().parse_args(argv + flag)))
             for mode, flag in (("in_memory", []), ("low_memory", ["--low-memory"]))}

@@ -45,6 +45,13 @@ class ModelShape:
                    max(sum(p.numel() for p in layer.parameters()) for layer in layers),
                    config.hidden_size, config.intermediate_size, config.num_attention_heads)
 
+    @classmethod
+    def of_model(cls, source) -> "ModelShape":
+        """The shape of a resolved MODEL (pipeline.models.ModelSource), from its config alone."""
+        from pipeline import models
+
+        return cls.from_config(models.model_config(source), models.architecture(source).layers)
+
     @property
     def fp32_bytes(self) -> int:
         return 4 * self.parameters

@@ -125,7 +125,7 @@ class Run:
 def announce_memory(run: Run, stages: tuple[str, ...]) -> None:
     """Before any weight is read: the estimated peak of the stages about to run, and a warning when it exceeds
     the memory available now."""
-    shape = ModelShape.from_config(models.model_config(run.source), models.architecture(run.source).layers)
+    shape = ModelShape.of_model(run.source)
     peaks = {s: v for s, v in estimate_peaks(shape, run.config).items() if s in stages}
     if not peaks:
         return
