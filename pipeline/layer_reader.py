@@ -91,8 +91,10 @@ class GgufReader:
         return self._dequantized(tensor, tensor.data[index])
 
     def read(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {name[len(prefix) + 1:]: self._dequantized(tensor, tensor.data)
-                for name, tensor in self.tensors.items() if name.startswith(prefix + ".")}
+        return {name[len(prefix) + 1:]: self.tensor(name) for name in self.tensors if name.startswith(prefix + ".")}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._dequantized(self.tensors[name], self.tensors[name].data)
 
     def _dequantized(self, tensor, data: np.ndarray) -> torch.Tensor:
         from gguf.quants import dequantize

@@ -91,8 +91,34 @@ def _from_pretrained_kwargs(source: ModelSource) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
+def loadable(source: ModelSource) -> ModelSource:
+    """What from_pretrained reads: a GGUF model's converted folder (pipeline/gguf_cache.py), converted on first
+    use; the source itself for Hugging Face folders and hub ids, or when the cache is off."""
+    if source.kind != "gguf":
+        return source
+    from pipeline import gguf_cache
+
+    try:
+        folder = gguf_cache.converted_folder(Path(source.gguf_file), lambda: _read_config(source),
+                                             lambda: _read_tokenizer(source))
+    except PipelineError:
+        raise
+    except OSError as e:
+        raise PipelineError(f"cannot convert '{source.spec}' into the cache {gguf_cache.cache_root()} "
+                            f"({_first_line(e)}): free disk space there, or set {gguf_cache.CACHE_ENV} to another "
+                            "folder (or to off)") from None
+    except Exception as e:  # gguf raises many types for unreadable tensors
+        raise PipelineError(f"cannot read the weights of '{source.spec}': {_first_line(e)}") from None
+    return source if folder is None else ModelSource(source.spec, "dir", str(folder))
+
+
+@functools.lru_cache(maxsize=4)
 def model_config(source: ModelSource):
-    """The transformers config, read once per process (for a GGUF file it means parsing all of its metadata)."""
+    """The transformers config, read once per process."""
+    return _read_config(loadable(source))
+
+
+def _read_config(source: ModelSource):
     from transformers import AutoConfig
 
     try:
@@ -115,6 +141,7 @@ def weight_reader(source: ModelSource):
         raise PipelineError(f"'{source.spec}' is a GPTQ checkpoint: its weights are already quantized and need no "
                             "calibration; drop --low-memory")
     try:
+        source = loadable(source)
         if source.kind == "gguf":
             return GgufReader(Path(source.gguf_file), config)
         folder = Path(source.location)
@@ -134,19 +161,24 @@ def load(source: ModelSource):
     from transformers import AutoModelForCausalLM
 
     spec = architecture(source)
-    kwargs = _from_pretrained_kwargs(source)
     tokenizer = load_tokenizer(source)
     log.info("loading %s (%s) in float32", source.spec, source.kind)
     if gptq_config(source) is not None:
         return _load_gptq_checkpoint(source, spec), tokenizer, spec
+    stored = loadable(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(stored.location, dtype=torch.float32,
+                                                     **_from_pretrained_kwargs(stored))
     except Exception as e:
         raise PipelineError(f"cannot load the weights of '{source.spec}': {_first_line(e)}") from None
     return model.eval(), tokenizer, spec
 
 
 def load_tokenizer(source: ModelSource):
+    return _read_tokenizer(loadable(source))
+
+
+def _read_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     try:

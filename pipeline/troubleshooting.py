@@ -33,6 +33,9 @@ ENTRIES = (
     Entry(("no usable tokenizer",), "save the tokenizer files next to the model"),
     Entry(("cannot read the model config of", "cannot load the weights of", "cannot read the weights of"),
           "the model file is truncated or not a model: download or convert it again"),
+    Entry(("cannot convert '...' into the cache",),
+          "a GGUF model is converted once to safetensors (4 bytes per parameter) under `SMOOTHTRT_CACHE` "
+          "(default `~/.cache/smoothtrt`): free space there, point it at another disk, or set it to `off`"),
     Entry(("calibration file '...' does not exist",), "pass an existing `.txt`/`.jsonl` file or `hf:<dataset>`"),
     Entry(("calibration file '...' is empty", "calibration file '...' looks binary",
            "calibration file '...' is not UTF-8"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -49,6 +51,21 @@ def make_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([TEXT], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """GGUF models convert into a folder of this test session (pipeline/gguf_cache.py), never the user's cache;
+    CLI subprocesses inherit it."""
+    from pipeline.gguf_cache import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("model-cache")
+    previous, os.environ[CACHE_ENV] = os.environ.get(CACHE_ENV), str(folder)
+    yield folder
+    if previous is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = previous
 
 
 @pytest.fixture(scope="session")
