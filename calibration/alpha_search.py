@@ -25,20 +25,24 @@ DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(6, 21))  # 0.30 .. 1.00
 
 @torch.no_grad()
 def quantized_output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, act_absmax: torch.Tensor,
-                           outputs: list[torch.Tensor] | None = None) -> float:
+                           targets: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> float:
     """Relative squared error of the group's outputs under W8A8 after smoothing with consumer-side factor s.
 
     x: [tokens, in] float inputs; weights: the consumers' unsmoothed [out, in] weights; act_absmax: per-channel
-    calibration absmax of x (fixes the per-tensor scale of X / s); outputs: x @ w.T per weight when already known
-    (they do not depend on s, so a search computes them once).
+    calibration absmax of x (fixes the per-tensor scale of X / s); targets: (x @ w.T, its squared norm) per weight
+    when already known (they do not depend on s, so a search computes them once: output_targets).
     """
     xq = fake_quant_activation(x / s, activation_scale(float((act_absmax / s).max())))
-    outputs = outputs if outputs is not None else [x @ w.T for w in weights]
     error = 0.0
-    for w, y in zip(weights, outputs):
+    for w, (y, energy) in zip(weights, targets if targets is not None else output_targets(x, weights)):
         y_q = xq @ fake_quant_weight(w * s[None, :]).T
-        error += float((y_q - y).pow(2).sum() / y.pow(2).sum().clamp(min=1e-30))
+        error += float(y_q.sub_(y).square_().sum() / energy)  # in place: y_q is the largest temporary here
     return error
+
+
+def output_targets(x: torch.Tensor, weights: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    outputs = [x @ w.T for w in weights]
+    return [(y, y.square().sum().clamp(min=1e-30)) for y in outputs]
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,11 @@ def best_alpha(x: torch.Tensor, model: torch.nn.Module, prefix: str, group, absm
     act_per_input = torch.stack([absmax[f"{prefix}.{c}"] for c in group.consumers]).amax(dim=0)
     act, weight = group_absmax(model, prefix, group, absmax)
     x = x.float()
-    outputs = [x @ w.T for w in weights]
+    targets = output_targets(x, weights)
     errors = {}
     for alpha in grid:
         s = consumer_factor(model, group, smoothing_factors(act, weight, alpha))
-        errors[alpha] = quantized_output_error(x, weights, s, act_per_input, outputs)
+        errors[alpha] = quantized_output_error(x, weights, s, act_per_input, targets)
     chosen = min(grid, key=lambda a: (errors[a], -a))
     return GroupChoice(chosen, errors[chosen], errors)
 

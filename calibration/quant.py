@@ -33,7 +33,7 @@ def activation_scale(absmax: float) -> float:
 
 def fake_quant_activation(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Q then DQ, as ONNX QuantizeLinear/DequantizeLinear compute it (round half to even, saturate)."""
-    return torch.clamp(torch.round(x / scale), QMIN_ACT, QMAX) * scale
+    return torch.div(x, scale).round_().clamp_(QMIN_ACT, QMAX).mul_(scale)  # in place on one new tensor
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from calibration.gptq import QuantizedWeight, group_scales, quantize_columns
+from calibration.gptq import QuantizedWeight, code_range, group_scales, quantize_columns
 from calibration.stats import observe_inputs
 
 CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))  # 1.00 .. 0.50
@@ -23,8 +23,12 @@ def clipping_errors(weight: torch.Tensor, input_power: torch.Tensor, ratios: tup
     """[rows, ratios]: sum_j input_power_j (w_j - Q(w_j))^2 of every row at every clipping ratio (INT8, symmetric)."""
     w = weight.double()
     base = group_scales(weight, 8, -1, fp16_scales=False).double()  # [rows, 1]
-    errors = [((w - quantize_columns(w, base * r, 8) * base * r) ** 2 * input_power.double()).sum(dim=1)
-              for r in ratios]
+    power = input_power.double()
+    lo, hi = code_range(8)
+    errors = []
+    for r in ratios:  # in place: the weight-sized temporaries, not the arithmetic, are what this costs
+        diff = torch.div(w, base * r).round_().clamp_(lo, hi).mul_(base).mul_(r).sub_(w)
+        errors.append(diff.square_().mul_(power).sum(dim=1))
     return torch.stack(errors, dim=1)
 
 
