@@ -50,7 +50,9 @@ def markdown(r: dict) -> str:
              f"Recipe timed stage by stage: {r['recipes'][0]}. Each stage ran as its own process (model load "
              "included in each); peak RSS is that process's.", "",
              "| stage | seconds | peak RSS MB |", "| --- | --- | --- |",
-             f"| model load alone | {r['load']['seconds']:.1f} | {r['load']['peak_rss_bytes'] / MB:.0f} |"]
+             *(f"| model load alone, {label} | {r['load'][key]['seconds']:.1f} | "
+               f"{r['load'][key]['peak_rss_bytes'] / MB:.0f} |"
+               for key, label in (("first", "first (a GGUF model converted into the cache)"), ("cached", "cached")))]
     lines += [f"| {name} | {s['seconds']:.1f} | {s['peak_rss_bytes'] / MB:.0f} |" for name, s in r["pipeline"].items()]
     lines.append(f"| report from saved artifacts (make report) | {r['report']['seconds']:.1f} | "
                  f"{r['report']['peak_rss_bytes'] / MB:.0f} |")

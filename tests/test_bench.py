@@ -4,17 +4,21 @@ linears run as integer GEMMs, and targets are reported (their values mean nothin
 from __future__ import annotations
 
 import json
+import os
 
 from bench.run import main
+from pipeline.gguf_cache import CACHE_ENV
 
 
-def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus):
+def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, os.environ[CACHE_ENV])  # the bench points it at its own cache: restored after
     results = tmp_path / "results"
     main(["--model", str(tiny_model_dir), "--calib", str(corpus), "--eval", str(corpus), "--calib-windows", "4",
           "--eval-windows", "2", "--seq-len", "32", "--recipes", "w8a8,w4a16-rtn", "--out", str(tmp_path / "out"),
           "--results", str(results), "--latency-repeats", "1"])
     r = json.loads((results / "bench.json").read_text())
     assert set(r["pipeline"]) == {"calibrate", "quantize", "export", "build", "verify"}
+    assert all(r["load"][k]["seconds"] > 0 for k in ("first", "cached"))
     assert all(s["seconds"] > 0 and s["peak_rss_bytes"] > 100e6 for s in r["pipeline"].values())
     assert r["integer_kernels"]["smoothtrt W8A8"]["integer_matmuls"] == 14  # every quantized linear, 2 layers x 7
     assert r["integer_kernels"]["ORT quantize_static"]["integer_matmuls"] > 0
