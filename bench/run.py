@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,17 +47,21 @@ RECIPE_ARGS = {  # recipe -> extra CLI options of `python -m pipeline`
 
 
 def timed_process(argv: list[str]) -> dict:
-    """Run a Python module in its own process: wall seconds and that process's peak RSS (wait4 rusage)."""
+    """Run Python with argv in its own process (through bench/peak.py, so the peak RSS is that process's own and
+    not the bench's): wall seconds and peak RSS."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr_lines = []
-    for line in proc.stderr:  # drain so the child never blocks on a full pipe; keep the tail for errors
-        stderr_lines = (stderr_lines + [line.decode(errors="replace")])[-20:]
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{''.join(stderr_lines)}")
-    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "peak.json"
+        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "peak.py"), str(report), *argv], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stderr_lines = []
+        for line in proc.stderr:  # drain so the child never blocks on a full pipe; keep the tail for errors
+            stderr_lines = (stderr_lines + [line.decode(errors="replace")])[-20:]
+        proc.wait()
+        measured = json.loads(report.read_text()) if report.is_file() else {"returncode": proc.returncode}
+    if proc.returncode != 0 or measured["returncode"] != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({measured['returncode']}):\n{''.join(stderr_lines)}")
+    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": measured["peak_rss_bytes"]}
 
 
 def pipeline_args(args, out: Path, recipe: str) -> list[str]:

@@ -33,3 +33,15 @@ def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus, monke
     assert r["memory_estimates"]["low_memory"]["calibrate"] < r["memory_estimates"]["in_memory"]["calibrate"]
     assert r["report"]["seconds"] > 0 and (tmp_path / "out" / "w8a8" / "report.html").is_file()
     assert "| target | measured | limit | met |" in (results / "bench.md").read_text()
+
+
+def test_a_process_peak_is_its_own_and_not_the_bench_process():
+    """Linux carries the spawner's memory high-water mark into a spawned program's ru_maxrss: measured straight
+    from the bench, a bare interpreter would report the bench's 400 MB."""
+    import numpy as np
+
+    from bench.run import timed_process
+
+    held = np.ones(50_000_000)  # 400 MB resident in this process
+    measured = timed_process(["-c", "pass"])
+    assert held.sum() > 0 and measured["peak_rss_bytes"] < 100e6
