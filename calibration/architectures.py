@@ -43,6 +43,8 @@ class ArchitectureSpec:
     embedding: str  # token embedding: the first thing a layer-streamed pass computes (calibration/layer_stream.py)
     final_norm: str  # after the last layer; a layer window replaces it (and the head) by identities
     head: str
+    # Linears whose input no offline transform reaches, rotated online with --rotate-block (calibration/rotation.py)
+    rotatable: tuple[str, ...] = ()
 
     def linear_names(self, num_layers: int) -> list[str]:
         """Every quantizable linear's full module name, in layer order (what stats.quantizable_linears finds)."""
@@ -71,6 +73,7 @@ LLAMA_FAMILY = ArchitectureSpec(
     embedding="model.embed_tokens",
     final_norm="model.norm",
     head="lm_head",
+    rotatable=("mlp.down_proj",),
 )
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (LLAMA_FAMILY,)

@@ -56,6 +56,7 @@ class ModuleEntry:
     damp: float | None = None  # GPTQ dampening finally used (more than asked when H was not positive definite)
     clip_ratio_mean: float | None = None  # --weight-clip mse: mean of the rows' clipping ratios (1.0: none clipped)
     clipped_rows: int | None = None  # rows whose INT8 scale maps less than their max|w| to 127
+    rotation_block: int | None = None  # input rotated online by a block Hadamard of this size (rotation.py)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ def keep_float(plan: QuantPlan, reasons: dict[str, str]) -> QuantPlan:
     """The plan with the named quantized modules turned back to float (no Q/DQ, no integer weights), each with its
     reason; their smoothing stays (it is folded into the float weights either way)."""
     modules = tuple(ModuleEntry(name=m.name, status="skipped", reason=reasons[m.name], smoothed=m.smoothed,
-                                alpha=m.alpha, smoothing_factor_max=m.smoothing_factor_max)
+                                alpha=m.alpha, smoothing_factor_max=m.smoothing_factor_max,
+                                rotation_block=m.rotation_block)
                     if m.name in reasons else m for m in plan.modules)
     return replace(plan, modules=modules)
 
@@ -149,8 +151,11 @@ class FakeQuantLinear(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
         self.bias = linear.bias
         self.input_scale = input_scale
+        self.rotation = getattr(linear, "rotation", None)  # a RotatedLinear's: Q/DQ applies to the rotated input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = self.rotation(x)
         if self.input_scale is not None:
             x = fake_quant_activation(x, self.input_scale)
         return torch.nn.functional.linear(x, self.weight, self.bias)

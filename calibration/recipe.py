@@ -3,16 +3,17 @@ write the plan. One code path for the quantize stage and for every tuning loop t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from calibration.architectures import ArchitectureSpec
 from calibration.quant import QuantPlan, build_plan
-from calibration.ranges import estimate_ranges
+from calibration.ranges import estimate_ranges, observed_absmax
+from calibration.rotation import rotate_inputs
 from calibration.smoothing import apply_factors, compute_factors, consumer_factors, layer_groups
-from calibration.stats import quantizable_linears
+from calibration.stats import decoder_layers, quantizable_linears
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Recipe:
     percentile: float = 99.99
     include: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
+    rotation_block: int = 0  # 0: no rotation; else block Hadamard size for the architecture's rotatable linears
 
 
 def consumer_alphas(model: torch.nn.Module, spec: ArchitectureSpec, alphas: dict[str, float]) -> dict[str, float]:
@@ -40,9 +42,24 @@ def smooth_and_plan(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict
     apply_factors(model, spec, factors)
     smoothed_absmax = {n: float((a / input_factors[n]).max()) if n in input_factors else float(a.max())
                        for n, a in absmax.items()}
+    rotated = rotatable_linears(model, spec) if recipe.rotation_block else []
+    rotate_inputs(model, rotated, recipe.rotation_block)
+    # The calibration absmax is per channel before the rotation mixes channels: observe the rotated inputs.
+    smoothed_absmax.update(observed_absmax(model, rotated, range_windows, batch_size) if rotated else {})
     ranges = estimate_ranges(model, smoothed_absmax, range_windows, recipe.range_estimator, recipe.percentile,
                              batch_size)
     plan = build_plan(quantizable_linears(model, spec), ranges, input_factors,
                       consumer_alphas(model, spec, recipe.alphas), recipe.alpha_label, recipe.range_estimator,
                       recipe.include, recipe.skip, float_modules)
-    return factors, plan
+    modules = tuple(replace(m, rotation_block=recipe.rotation_block) if m.name in rotated else m for m in plan.modules)
+    return factors, replace(plan, modules=modules)
+
+
+def rotatable_linears(model: torch.nn.Module, spec: ArchitectureSpec) -> list[str]:
+    return [f"{spec.layers}.{i}.{name}" for i, _ in decoder_layers(model, spec) for name in spec.rotatable]
+
+
+def apply_rotations(model: torch.nn.Module, plan: QuantPlan) -> None:
+    """Rotate the linears the plan says were rotated (the stages after quantize rebuild the smoothed model)."""
+    for block in {m.rotation_block for m in plan.modules if m.rotation_block}:
+        rotate_inputs(model, [m.name for m in plan.modules if m.rotation_block == block], block)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from calibration import CalibrationError
 from calibration.architectures import ArchitectureSpec
+from calibration.rotation import linear_input
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,13 @@ def run_windows(model: torch.nn.Module, batch: np.ndarray, **kwargs):
 
 @contextlib.contextmanager
 def observing(linears: dict[str, torch.nn.Module], observe: Callable[[str, torch.Tensor], None]):
-    """While inside, every forward hands each linear's input ([tokens, in_features]) to observe(name, x)."""
+    """While inside, every forward hands each linear's input ([tokens, in_features]) to observe(name, x): what its
+    weight multiplies, so rotated after a rotation (calibration/rotation.py)."""
     def make_hook(name: str):
-        return lambda _module, args: observe(name, args[0].detach().reshape(-1, args[0].shape[-1]))
+        def hook(module, args):
+            x = linear_input(module, args[0].detach())
+            observe(name, x.reshape(-1, x.shape[-1]))
+        return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in linears.items()]
     try:

@@ -78,6 +78,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="INT8 weights (QUANT=w8a8): 'mse' (its default) clips each row where that lowers its "
                         "input-power-weighted error on calibration inputs; 'none' maps each row's max|w| to 127")
     p.add_argument("--percentile", type=float, default=d_q.percentile, help="percentile for --range-estimator percentile")
+    p.add_argument("--rotate-block", type=int, default=d_q.rotation_block, metavar="N",
+                   help="QUANT=w8a8: rotate each down_proj input online by a block Hadamard of N channels (a power "
+                        "of 4, e.g. 64) before its INT8 quantizer, spreading its outlier channels; 0 (default): off")
     p.add_argument("--accuracy-budget", default=None, metavar="TARGET",
                    help="ppl:<percent> (or just <percent>) or kl:<nats>: keep the fewest activation groups float so "
                         "the holdout windows stay within it (perplexity above float, or mean KL from float)")
@@ -208,7 +211,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
                           args.range_estimator, args.percentile, accuracy_budget=args.accuracy_budget,
                           scheme=args.quant, group_size=args.group_size, damp=args.damp,
                           act_order=not args.no_act_order, float_target=not args.no_float_target,
-                          weight_clip=args.weight_clip),
+                          weight_clip=args.weight_clip, rotation_block=args.rotate_block),
         export=ExportConfig(kv_cache_int8=args.kv_cache_int8, int8_attention=args.int8_attention),
         build=BuildConfig(max_batch=args.max_batch, max_input_len=args.max_input_len, max_seq_len=args.max_seq_len,
                           require_plan=args.require_plan),

@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from calibration.rotation import valid_block
 from pipeline import PipelineError
 from pipeline.accuracy_target import Target
 
@@ -74,6 +75,8 @@ class QuantConfig:
     # "mse": per-row INT8 weight clipping weighted by input power (RTN W8A8 only); None: the scheme's default, mse
     # for w8a8 (docs/TUNING.md: +2.62% against +2.79% unclipped on SmolLM2), none elsewhere.
     weight_clip: str | None = None
+    # Block-Hadamard rotation of the down_proj inputs (calibration/rotation.py); 0: off.
+    rotation_block: int = 0
 
     @property
     def recipe(self) -> Scheme:
@@ -108,6 +111,12 @@ class QuantConfig:
                                 f"QUANT=w8a8, not {self.scheme} (GPTQ chooses its own rounding): drop it")
         if self.search_windows < 1:
             raise PipelineError(f"search_windows must be at least 1 (got {self.search_windows})")
+        if self.rotation_block and not valid_block(self.rotation_block):
+            raise PipelineError(f"--rotate-block must be 0 (off) or a power of 4 such as 16, 64 or 256 (so 1/sqrt(block) "
+                                f"is exact in FP16), got {self.rotation_block}")
+        if self.rotation_block and self.scheme != "w8a8":
+            raise PipelineError(f"--rotate-block applies to QUANT=w8a8 (round-to-nearest INT8 weights), not "
+                                f"{self.scheme}: drop it")
 
 
 @dataclass(frozen=True)

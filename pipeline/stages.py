@@ -21,7 +21,7 @@ from calibration.data_check import check_windows
 from calibration.gptq import QuantizedWeight, load_quantized, save_quantized
 from calibration.layer_stream import streamed_input_absmax
 from calibration.quant import QuantPlan, check_patterns, fake_quantized
-from calibration.recipe import smooth_and_plan
+from calibration.recipe import apply_rotations, smooth_and_plan
 from calibration.smoothing import apply_factors
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
 from exporters.attention_qdq import quantize_attention
@@ -284,6 +284,7 @@ def smoothed_model(run: Run):
     model, tokenizer, spec = run.model(last_use=True)
     apply_factors(model, spec, load_file(str(run.path(FACTORS))))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
+    apply_rotations(model, plan)
     round_kept_float_weights(model, {m.name for m in plan.quantized()})
     return model, spec
 

@@ -55,6 +55,10 @@ ENTRIES = (
           "use `auto` (default) or a number such as 0.85"),
     Entry(("unknown range estimator", "percentile must be within", "unknown weight clipping", "--weight-clip ... "
            "applies to"), "the message names the accepted values"),
+    Entry(("--rotate-block must be 0 (off) or a power of 4", "--rotate-block applies to QUANT=w8a8",
+           "--rotate-block ... does not divide the"),
+          "a power of 4 that divides the down_proj input channels (64 for SmolLM2's 1536), with `QUANT=w8a8`; "
+          "0 turns the rotation off"),
     Entry(("--accuracy-budget '...' is not a target", "--bisect '...' is not a target"),
           "`ppl:<percent>` (or a bare percentage) or `kl:<nats>`, e.g. `--accuracy-budget kl:0.02`, "
           "`--bisect ppl:1.5`"),

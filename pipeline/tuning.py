@@ -35,7 +35,8 @@ def torch_perplexity(model: torch.nn.Module, windows: np.ndarray, batch_size: in
 
 
 def recipe_for(cfg: QuantConfig, alphas: dict[str, float], label: float | str) -> Recipe:
-    return Recipe(alphas if cfg.smooth else {}, label, cfg.range_estimator, cfg.percentile, cfg.include, cfg.skip)
+    return Recipe(alphas if cfg.smooth else {}, label, cfg.range_estimator, cfg.percentile, cfg.include, cfg.skip,
+                  cfg.rotation_block)
 
 
 def weight_only_choice(cfg: QuantConfig) -> dict:

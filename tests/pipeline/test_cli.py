@@ -115,6 +115,9 @@ def no_artifacts(out):
     (["--low-memory", "--calib", "synthetic"], ["--low-memory", "synthetic samples text from the whole model"]),
     (["--low-memory", "--accuracy-budget", "1"], ["--low-memory", "--accuracy-budget scores the whole model"]),
     (["--low-memory", "--skip", "*.no_such_proj"], ["--skip pattern", "matches no quantizable module"]),
+    (["--rotate-block", "8"], ["--rotate-block must be 0 (off) or a power of 4"]),
+    (["--rotate-block", "16", "--quant", "w4a16-rtn"], ["--rotate-block applies to QUANT=w8a8"]),
+    (["--rotate-block", "256"], ["--rotate-block 256 does not divide the 128 input channels"]),
 ])
 def test_bad_options_fail_in_one_line(capsys, tmp_path, tiny_model_dir, corpus, args, fragments):
     out = tmp_path / "out"
@@ -188,3 +191,20 @@ def test_int8_attention_option_quantizes_the_attention_matmuls_and_verifies(tmp_
     assert report["export_faithfulness"]["faithful"] is None  # the simulation's attention is float
     generation = report["generation"]  # the KV-cache loop runs through the INT8 attention graph
     assert len(generation["quantized_vs_reference_onnx"]["common_prefix_lengths"]) == 5
+
+
+def test_rotate_block_option_rotates_the_down_proj_inputs_and_verifies(tmp_path, tiny_model_dir, corpus):
+    assert engine(tiny_model_dir, tmp_path, corpus, "--rotate-block", "16") == 0
+    plan = json.loads((tmp_path / "quant_plan.json").read_text())["modules"]
+    assert {m["name"] for m in plan if m["rotation_block"] == 16} == {f"model.layers.{i}.mlp.down_proj" for i in (0, 1)}
+    assert all(m["rotation_block"] is None for m in plan if not m["name"].endswith("down_proj"))
+    for name in ("quantized.onnx", "quantized.fp16.onnx"):
+        graph = ir.load(tmp_path / name).graph
+        quantizers = [n for n in graph if n.op_type == "QuantizeLinear" and "mlp/down_proj" in n.name]
+        assert len(quantizers) == 2  # each down_proj quantizes what its rotation produced
+        assert all("/down_proj/rotation/" in q.inputs[0].producer().name for q in quantizers)
+        assert sum(n.op_type == "MatMul" and "/rotation/" in n.name for n in graph) == 2
+    assert not [n for n in ir.load(tmp_path / "reference.onnx").graph if "/rotation/" in n.name]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["export_faithfulness"]["faithful"] is True  # the simulation rotates as the graph does
+    assert abs(report["accuracy"]["perplexity_delta_percent"]) < 50

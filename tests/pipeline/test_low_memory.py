@@ -18,10 +18,12 @@ def quantized(model_dir, out, corpus, scheme, *extra):
     return json.loads((out / "quant_plan.json").read_text()), load_quantized(out / "quantized_weights.safetensors")
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w4a16-gptq"])
-def test_low_memory_plan_and_integer_weights_equal_the_in_memory_ones(tmp_path, tiny_model_dir, corpus, scheme):
-    plan, weights = quantized(tiny_model_dir, tmp_path / "whole", corpus, scheme)
-    streamed_plan, streamed_weights = quantized(tiny_model_dir, tmp_path / "streamed", corpus, scheme, "--low-memory")
+@pytest.mark.parametrize("scheme, extra", [("w8a8", ()), ("w4a16-gptq", ()), ("w8a8", ("--rotate-block", "16"))])
+def test_low_memory_plan_and_integer_weights_equal_the_in_memory_ones(tmp_path, tiny_model_dir, corpus, scheme,
+                                                                      extra):
+    plan, weights = quantized(tiny_model_dir, tmp_path / "whole", corpus, scheme, *extra)
+    streamed_plan, streamed_weights = quantized(tiny_model_dir, tmp_path / "streamed", corpus, scheme, "--low-memory",
+                                                *extra)
     assert streamed_plan == plan  # every entry: names, alphas, ranges, scales, GPTQ output errors
     assert set(streamed_weights) == set(weights)
     for name, q in weights.items():
