@@ -11,7 +11,7 @@ import torch
 from calibration.architectures import ArchitectureSpec
 from calibration.quant import QuantPlan, build_plan
 from calibration.ranges import estimate_ranges, observed_absmax
-from calibration.rotation import rotate_inputs
+from calibration.rotation import resolved_block, rotate_inputs
 from calibration.smoothing import apply_factors, compute_factors, consumer_factors, layer_groups
 from calibration.stats import decoder_layers, quantizable_linears
 
@@ -24,7 +24,8 @@ class Recipe:
     percentile: float = 99.99
     include: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
-    rotation_block: int = 0  # 0: no rotation; else block Hadamard size for the architecture's rotatable linears
+    # Block Hadamard size for the architecture's rotatable linears; 0: none; None: rotation.DEFAULT_BLOCK where it fits
+    rotation_block: int | None = 0
 
 
 def consumer_alphas(model: torch.nn.Module, spec: ArchitectureSpec, alphas: dict[str, float]) -> dict[str, float]:
@@ -42,8 +43,10 @@ def smooth_and_plan(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict
     apply_factors(model, spec, factors)
     smoothed_absmax = {n: float((a / input_factors[n]).max()) if n in input_factors else float(a.max())
                        for n, a in absmax.items()}
-    rotated = rotatable_linears(model, spec) if recipe.rotation_block else []
-    rotate_inputs(model, rotated, recipe.rotation_block)
+    rotatable = rotatable_linears(model, spec)
+    block = resolved_block(recipe.rotation_block, [model.get_submodule(n).in_features for n in rotatable])
+    rotated = rotatable if block else []
+    rotate_inputs(model, rotated, block)
     # The calibration absmax is per channel before the rotation mixes channels: observe the rotated inputs.
     smoothed_absmax.update(observed_absmax(model, rotated, range_windows, batch_size) if rotated else {})
     ranges = estimate_ranges(model, smoothed_absmax, range_windows, recipe.range_estimator, recipe.percentile,
@@ -51,7 +54,7 @@ def smooth_and_plan(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict
     plan = build_plan(quantizable_linears(model, spec), ranges, input_factors,
                       consumer_alphas(model, spec, recipe.alphas), recipe.alpha_label, recipe.range_estimator,
                       recipe.include, recipe.skip, float_modules)
-    modules = tuple(replace(m, rotation_block=recipe.rotation_block) if m.name in rotated else m for m in plan.modules)
+    modules = tuple(replace(m, rotation_block=block) if m.name in rotated else m for m in plan.modules)
     return factors, replace(plan, modules=modules)
 
 

@@ -78,9 +78,10 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="INT8 weights (QUANT=w8a8): 'mse' (its default) clips each row where that lowers its "
                         "input-power-weighted error on calibration inputs; 'none' maps each row's max|w| to 127")
     p.add_argument("--percentile", type=float, default=d_q.percentile, help="percentile for --range-estimator percentile")
-    p.add_argument("--rotate-block", type=int, default=d_q.rotation_block, metavar="N",
+    p.add_argument("--rotate-block", type=int, default=None, metavar="N",
                    help="QUANT=w8a8: rotate each down_proj input online by a block Hadamard of N channels (a power "
-                        "of 4, e.g. 64) before its INT8 quantizer, spreading its outlier channels; 0 (default): off")
+                        "of 4) before its INT8 quantizer, spreading its outlier channels; default 64 where it divides "
+                        "the channels (not with --no-smooth); 0: off")
     p.add_argument("--accuracy-budget", default=None, metavar="TARGET",
                    help="ppl:<percent> (or just <percent>) or kl:<nats>: keep the fewest activation groups float so "
                         "the holdout windows stay within it (perplexity above float, or mean KL from float)")
