@@ -2,7 +2,8 @@
 2022, fig. 4), per linear, from the channel absmax saved by the layer-wise diff (no recalibration).
 
 "before": the reference graph (activations and weights as trained); "after": the Q/DQ graph (smoothed
-activations as its Q nodes read them, smoothed weights as its DequantizeLinear gives them).
+activations as its Q nodes read them, smoothed weights as its DequantizeLinear gives them; for a rotated linear
+both are in the rotated basis, calibration/rotation.py).
 """
 
 from __future__ import annotations

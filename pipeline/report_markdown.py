@@ -130,7 +130,9 @@ def _outlier_lines(o: dict, images: list[str]) -> list[str]:
         return []
     lines = ["## Outliers and scales (before / after smoothing)", "",
              "Channel absmax of each linear's input activation and weight columns, max over median: how much range "
-             "a per-tensor INT8 scale must cover. Smoothing moves it from activations into weights.", ""]
+             "a per-tensor INT8 scale must cover. Smoothing moves it from activations into weights; a rotated input "
+             "(down_proj's, `--rotate-block`) is also spread over its block, so its \"after\" channels are the "
+             "rotated ones.", ""]
     lines += [f"![{name}]({FIGURES}/{name})" for name in images if name != "error_by_layer.png"]
     lines += ["", "| linear | activation max/median before -> after | weight max/median before -> after | "
                   "activation absmax before -> after | top outlier channels (absmax before) |",
