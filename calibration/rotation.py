@@ -38,23 +38,23 @@ def random_signs(channels: int) -> torch.Tensor:
     return (torch.randint(0, 2, (channels,), generator=generator) * 2 - 1).float()
 
 
+def rotated(x: torch.Tensor, signs: torch.Tensor, hadamard_block: torch.Tensor) -> torch.Tensor:
+    """x R for row vectors x, without forming R: a sign flip, then H_b on each block of b channels."""
+    blocks = (x * signs).unflatten(-1, (-1, hadamard_block.shape[0]))
+    return (blocks @ hadamard_block).flatten(-2)
+
+
 class BlockRotation(torch.nn.Module):
     """x -> x R, R = diag(signs) . blockdiag(H_b / sqrt(b)); a child module of the rotated linear, so its graph
     nodes get their own scope and the linear keeps its own MatMul name."""
 
     def __init__(self, channels: int, block: int):
         super().__init__()
-        self.block = block
         self.register_buffer("signs", random_signs(channels))
         self.register_buffer("hadamard", hadamard(block))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = (x * self.signs).unflatten(-1, (-1, self.block))
-        return (blocks @ self.hadamard).flatten(-2)
-
-    def matrix(self) -> torch.Tensor:
-        """R as a dense [channels, channels] matrix (to fold into the weight)."""
-        return self(torch.eye(self.signs.numel(), dtype=self.hadamard.dtype))
+        return rotated(x, self.signs, self.hadamard)
 
 
 class RotatedLinear(torch.nn.Linear):
@@ -64,8 +64,9 @@ class RotatedLinear(torch.nn.Linear):
         super().__init__(linear.in_features, linear.out_features, linear.bias is not None,
                          device=linear.weight.device, dtype=linear.weight.dtype)
         self.rotation = BlockRotation(linear.in_features, block).to(linear.weight.dtype)
-        with torch.no_grad():
-            self.weight.copy_((linear.weight.double() @ self.rotation.matrix().double()).to(linear.weight.dtype))
+        with torch.no_grad():  # W R: each row of W rotated like an input, in float64, then rounded once
+            self.weight.copy_(rotated(linear.weight.double(), self.rotation.signs.double(),
+                                      self.rotation.hadamard.double()))
             if linear.bias is not None:
                 self.bias.copy_(linear.bias)
 

@@ -19,7 +19,7 @@ def test_rotated_linear_computes_the_same_function_with_its_weight_rotated():
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 48)
     rotated = RotatedLinear(linear, 16)
-    r = rotated.rotation.matrix()
+    r = rotated.rotation(torch.eye(128))  # x R for the rows of the identity: R itself
     torch.testing.assert_close(r @ r.T, torch.eye(128), rtol=0, atol=1e-6)
     torch.testing.assert_close(rotated.weight, linear.weight @ r, rtol=0, atol=1e-6)
     x = torch.randn(3, 5, 128) * 4
