@@ -23,6 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from calibration.architectures import spec_for_model_type
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "SMOOTHTRT_CACHE"
@@ -58,10 +60,11 @@ def converted_folder(gguf_file: Path, read_config, read_tokenizer) -> Path | Non
     return folder
 
 
-def _shard_prefixes(names, layers: int) -> list[str]:
-    """One shard per decoder layer, then one for everything else (embedding, final norm, head)."""
-    prefixes = [f"model.layers.{i}." for i in range(layers)]
-    if any(not n.startswith("model.layers.") for n in names):
+def _shard_prefixes(names, layers: str, count: int) -> list[str]:
+    """One shard per decoder layer (`layers`: the architecture's module path of the layer list), then one for
+    everything else (embedding, final norm, head)."""
+    prefixes = [f"{layers}.{i}." for i in range(count)]
+    if any(not n.startswith(f"{layers}.") for n in names):
         prefixes.append("")
     return prefixes
 
@@ -79,7 +82,8 @@ def _convert(gguf_file: Path, config, tokenizer, folder: Path) -> None:
         config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         reader = GgufReader(gguf_file, config)
-        prefixes = _shard_prefixes(reader.tensors, config.num_hidden_layers)
+        prefixes = _shard_prefixes(reader.tensors, spec_for_model_type(config.model_type).layers,
+                                   config.num_hidden_layers)
         weight_map, total = {}, 0
         for k, prefix in enumerate(tqdm(prefixes, desc="converting GGUF", unit="shard")):
             names = [n for n in reader.tensors if n.startswith(prefix) and n not in weight_map]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from calibration import CalibrationError
 from calibration.architectures import ArchitectureSpec, spec_for_model_type
 from pipeline import PipelineError
 
@@ -101,7 +102,7 @@ def loadable(source: ModelSource) -> ModelSource:
     try:
         folder = gguf_cache.converted_folder(Path(source.gguf_file), lambda: _read_config(source),
                                              lambda: _read_tokenizer(source))
-    except PipelineError:
+    except (PipelineError, CalibrationError):  # unreadable config or tokenizer, unsupported architecture
         raise
     except OSError as e:
         raise PipelineError(f"cannot convert '{source.spec}' into the cache {gguf_cache.cache_root()} "
