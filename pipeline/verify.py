@@ -85,21 +85,33 @@ def graph_logits(path: Path, windows: np.ndarray, label: str | None = None,
             yield runner.infer(feed(window))["logits"].astype(np.float32)
 
 
+class PairMetrics:
+    """Perplexity of both and every PairStats metric of a candidate against a reference, added window by window."""
+
+    def __init__(self):
+        self.reference, self.candidate, self.pair = Perplexity(), Perplexity(), PairStats()
+
+    def add(self, window: np.ndarray, reference: np.ndarray, candidate: np.ndarray) -> None:
+        self.reference.add(reference, window[None, :])
+        self.candidate.add(candidate, window[None, :])
+        self.pair.add(reference, candidate)
+
+    def summary(self) -> dict:
+        ref_ppl, cand_ppl = self.reference.value(), self.candidate.value()
+        return {
+            "perplexity_reference": ref_ppl,
+            "perplexity_candidate": cand_ppl,
+            "perplexity_delta_percent": 100.0 * (cand_ppl / ref_ppl - 1.0),
+            "predicted_tokens": self.reference.count,
+            **self.pair.summary(),
+        }
+
+
 def pair_metrics(windows: np.ndarray, reference_logits, candidate_logits) -> dict:
-    """Perplexity of both and every PairStats metric of the candidate against the reference."""
-    ppl_ref, ppl_cand, pair = Perplexity(), Perplexity(), PairStats()
+    metrics = PairMetrics()
     for window, ref, cand in zip(windows, reference_logits, candidate_logits):
-        ppl_ref.add(ref, window[None, :])
-        ppl_cand.add(cand, window[None, :])
-        pair.add(ref, cand)
-    ref_ppl, cand_ppl = ppl_ref.value(), ppl_cand.value()
-    return {
-        "perplexity_reference": ref_ppl,
-        "perplexity_candidate": cand_ppl,
-        "perplexity_delta_percent": 100.0 * (cand_ppl / ref_ppl - 1.0),
-        "predicted_tokens": ppl_ref.count,
-        **pair.summary(),
-    }
+        metrics.add(window, ref, cand)
+    return metrics.summary()
 
 
 def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label: str,
@@ -118,11 +130,18 @@ def precision_floors(reference: Path, reference_fp16: Path, quantized: Path, qua
       Q node flips for a tiny input change), so the same recipe at another precision moves much further than the
       float floor; an INT8 TensorRT plan is held to this spread, not to the float one.
     - fp16_qdq_vs_reference: the graph TensorRT builds, against the FP32 reference."""
-    logits = {p: list(graph_logits(p, windows, f"{p.name} (precision floors)"))
-              for p in (reference, reference_fp16, quantized, quantized_fp16)}
-    return {"float": pair_metrics(windows, logits[reference], logits[reference_fp16]),
-            "quantized": pair_metrics(windows, logits[quantized], logits[quantized_fp16]),
-            "fp16_qdq_vs_reference": pair_metrics(windows, logits[reference], logits[quantized_fp16])}
+    def logits(path: Path):
+        return graph_logits(path, windows, f"{path.name} (precision floors)")
+
+    # Two graphs' logits are kept at most (a 512-token window of a 49k vocabulary is 100 MB), the others streamed.
+    reference_logits = list(logits(reference))
+    float_floor = pair_metrics(windows, reference_logits, logits(reference_fp16))
+    quantized_logits = list(logits(quantized))
+    quantized_floor, fp16_qdq = PairMetrics(), PairMetrics()
+    for window, ref, qdq, qdq_fp16 in zip(windows, reference_logits, quantized_logits, logits(quantized_fp16)):
+        quantized_floor.add(window, qdq, qdq_fp16)
+        fp16_qdq.add(window, ref, qdq_fp16)
+    return {"float": float_floor, "quantized": quantized_floor.summary(), "fp16_qdq_vs_reference": fp16_qdq.summary()}
 
 
 def compare_plan(plan: Path, graph: Path, windows: np.ndarray, label: str) -> dict:
