@@ -238,7 +238,9 @@ def run(argv: list[str] | None = None) -> int:
             _report(args)
             return 0
         from pipeline import stages
+        from pipeline.memory import map_large_blocks
 
+        map_large_blocks()
         config = config_from(args)
         config.build.limits()  # bad limits fail before any stage runs
         current = stages.Run(config)

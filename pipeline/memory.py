@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 from dataclasses import dataclass
 
 from pipeline.config import RunConfig
@@ -98,6 +99,24 @@ def available_bytes() -> int | None:
     except OSError:
         return None
     return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+LARGE_BLOCK_BYTES = 1 << 20
+
+
+def map_large_blocks() -> None:
+    """Serve every allocation of 1 MB and more (activations, logits, weight temporaries) with its own mapping, given
+    back to the operating system when freed. glibc's default threshold rises after each such free, up to 32 MB, and
+    larger-than-1 MB tensors then come from the heap, where fragmentation keeps what they freed: on SmolLM2 the
+    quantize stage peaked at 1.18 GB in one run and 2.70 GB in the next (the heap grew ~100 MB per calibration batch);
+    with the threshold fixed it peaked at 1.27 GB. A user's own MALLOC_MMAP_THRESHOLD_ wins; not glibc: no-op."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def release_memory() -> None:
