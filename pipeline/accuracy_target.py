@@ -9,6 +9,7 @@ from pipeline import PipelineError
 
 METRICS = {"ppl": "perplexity_delta_percent", "kl": "kl_mean"}
 UNITS = {"ppl": "% perplexity", "kl": "nats mean KL"}
+PERPLEXITY_BOUND = "perplexity_delta_bound_percent"  # the accuracy budget's upper bound of the perplexity delta
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.accuracy_target import PERPLEXITY_BOUND as BOUND
 from pipeline.report import FAITHFUL_WORDS
 
 FIGURES = "report_figures"
@@ -223,6 +224,8 @@ def _tuning_line(t: dict) -> str:
                  f"activation groups kept float ({', '.join(b['kept_float']) or 'none'}); holdout perplexity "
                  f"{before['perplexity']:.4f} -> {after['perplexity']:.4f} vs float {b['reference_perplexity']:.4f}, "
                  f"mean KL {before['kl_mean']:.4f} -> {after['kl_mean']:.4f}"
+                 + (f", perplexity delta 95% upper bound {before[BOUND]:+.2f}% -> {after[BOUND]:+.2f}%"
+                    if BOUND in after else "")  # an OUT quantized before the bound was recorded has none
                  + ("" if b["met"] else " (budget NOT met)") + ".")
     return line
 

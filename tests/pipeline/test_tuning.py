@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from calibration.alpha_search import DEFAULT_GRID
 from calibration.architectures import LLAMA_FAMILY
 from calibration.gptq import load_quantized
 from pipeline import stages
+from pipeline.budget import perplexity_delta_bound
 from pipeline.cli import config_from, parser, run
 from tests.pipeline.test_cli import SMALL
 
@@ -86,7 +88,8 @@ def test_bad_tuning_options_are_one_line_errors(tiny_model_dir, corpus, tmp_path
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("budget, metric", [("0.05", "perplexity_delta_percent"), ("kl:0.00003", "kl_mean")])
+# A perplexity budget is held to the delta's upper bound over the holdout windows, a KL budget to the KL itself.
+@pytest.mark.parametrize("budget, metric", [("0.05", "perplexity_delta_bound_percent"), ("kl:0.00003", "kl_mean")])
 def test_accuracy_budget_keeps_the_costliest_groups_float_until_met(tiny_model_dir, corpus, tmp_path, budget, metric):
     # naive W8A8 on the planted outlier channels: the budget has work to do
     plan, _ = quantize(tiny_model_dir, tmp_path, corpus, "--no-smooth", "--accuracy-budget", budget)
@@ -95,8 +98,10 @@ def test_accuracy_budget_keeps_the_costliest_groups_float_until_met(tiny_model_d
     assert evidence["target"] == {"0.05": "ppl:0.05", "kl:0.00003": "kl:3e-05"}[budget]  # normalised
     assert len(evidence["unit_cost"]) == 2 * 4
     assert evidence["all_quantized"][metric] > limit  # the budget had work to do
-    costs = evidence["unit_cost"]
+    assert evidence["judged_by"] == metric
+    costs = evidence["unit_kl_cost"]  # KL orders the units whatever the target: the gain that transfers
     assert evidence["kept_float"] == sorted(costs, key=costs.get, reverse=True)[: len(evidence["kept_float"])]
+    assert evidence["kept_float"]  # the budget kept something float
     assert evidence["final"] == {k: v for k, v in evidence["steps"][-1].items() if k != "float"}
     assert evidence["met"] == (evidence["final"][metric] <= limit)
     # each step floats one more group and is re-scored; the last step is the first to meet the budget
@@ -120,3 +125,12 @@ def test_a_budget_already_met_keeps_everything_quantized(tiny_model_dir, corpus,
     assert evidence["kept_float"] == [] and evidence["unit_cost"] == {} and evidence["met"]
     assert evidence["final"] == evidence["all_quantized"] and evidence["all_quantized"]["kl_mean"] > 0
     assert all(m["status"] == "quantized" for m in plan["modules"] if m["name"].startswith("model.layers"))
+
+
+def test_perplexity_bound_widens_with_the_spread_between_windows():
+    reference = np.log(np.array([20.0, 30.0, 25.0, 40.0]))
+    even = reference + np.log(1.01)  # every window exactly 1% worse: no spread, the bound is the point value
+    assert perplexity_delta_bound(even, reference) == pytest.approx(1.0)
+    uneven = reference + np.log(np.array([1.0, 1.02, 0.99, 1.03]))  # the same mean log ratio, spread over windows
+    assert perplexity_delta_bound(uneven, reference) > 1.0 + 1.645 * 0.4  # mean + z * (std / sqrt(4)), std ~1.8%
+    assert perplexity_delta_bound(uneven[:1], reference[:1]) == np.inf  # one window: no spread measured, no bound
