@@ -1,10 +1,10 @@
 """Peak memory of each stage, estimated from the model config before anything is loaded.
 
 The model's own sizes come from its config (parameters counted on the meta device: exact). How many copies of
-the weights a stage holds at its peak was measured on SmolLM2-135M (make bench, docs/RESULTS.md): loading a
-checkpoint dequantizes it beside the model and the stage works on a copy (calibrate), tracing holds the graph
-beside the model (export), ONNX Runtime sessions, the PyTorch model and stored logits (verify). --low-memory holds
-one decoder layer (two with GPTQ's float twin) and the hidden states of the calibration windows instead.
+the weights a stage holds at its peak was measured on SmolLM2-135M (make bench, docs/RESULTS.md): the model
+(calibrate, quantize), the model beside the exporter's graph (export), ONNX Runtime sessions beside the linears'
+weights (verify). --low-memory holds one decoder layer (two with GPTQ's float twin) and the hidden states of the
+calibration windows instead.
 An estimate, not a bound: the bench prints it next to the measured peak RSS.
 """
 
@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pipeline.config import RunConfig
 
 GB = 1e9
-RUNTIME_BYTES = 0.8e9  # Python, torch, transformers, the tokenizer and the tokenized calibration text (SmolLM2)
+RUNTIME_BYTES = 0.45e9  # Python, torch, transformers, onnx (importing the pipeline: 0.35 GB), the tokenized text
 # Copies of the FP32 weights each in-memory stage holds at its peak, beyond the runtime and the activations
-# (SmolLM2, 0.54 GB of weights: 2.72, 1.83, 3.53 and 5.51 GB peak RSS).
-WEIGHT_COPIES = {"calibrate": 3.5, "quantize": 1.4, "export": 4.8, "verify": 8.5}
+# (SmolLM2, 0.54 GB of weights, each stage its own process: 1.22, 1.22, 3.12 and 3.37 GB peak RSS). Export: the
+# traced model, the exporter's folded constants and serialized graph; verify: two ONNX Runtime sessions and their
+# probed outputs in the layer-wise diff.
+WEIGHT_COPIES = {"calibrate": 1.2, "quantize": 1.0, "export": 4.7, "verify": 5.1}
 STREAMED_STAGES = ("calibrate", "quantize")  # the stages --low-memory runs layer by layer
 
 

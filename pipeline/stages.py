@@ -412,20 +412,20 @@ def generation_check(run: Run, model, tokenizer) -> dict:
 
 def layerwise_inputs(run: Run, model, plan: QuantPlan) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """What the layer-wise diff needs besides the graphs (`model`: the smoothed float model): each quantized
-    linear's float weight in MatMul layout, and the smoothing factor on the output rows of those that produce
-    another linear's input."""
-    float_weights = {m.name: model.get_submodule(m.name).weight.detach().T.contiguous().numpy()
-                     for m in plan.quantized()}
+    linear's float weight in MatMul layout (a transposed view: no copy, and the rest of the model can be freed),
+    and the smoothing factor on the output rows of those that produce another linear's input."""
+    float_weights = {m.name: model.get_submodule(m.name).weight.detach().numpy().T for m in plan.quantized()}
     factors = {k: v.numpy() for k, v in load_file(str(run.path(FACTORS))).items() if k in float_weights}
     return float_weights, factors
 
 
-def layerwise_check(run: Run, model, plan: QuantPlan, windows: np.ndarray) -> dict:
-    """Layer-wise diff of the reference and Q/DQ graphs, saved in OUT with its channel statistics."""
+def layerwise_check(run: Run, float_weights: dict[str, np.ndarray], factors: dict[str, np.ndarray],
+                    windows: np.ndarray) -> dict:
+    """Layer-wise diff of the reference and Q/DQ graphs (inputs: layerwise_inputs), saved in OUT with its channel
+    statistics."""
     from pipeline.layerwise import layerwise_diff
 
-    result, channels = layerwise_diff(run.path(REFERENCE), run.path(QUANTIZED), windows,
-                                      *layerwise_inputs(run, model, plan))
+    result, channels = layerwise_diff(run.path(REFERENCE), run.path(QUANTIZED), windows, float_weights, factors)
     with atomic_path(run.path(LAYERWISE_CHANNELS)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **channels)
@@ -452,12 +452,15 @@ def verify_stage(run: Run) -> dict:
                                      run.path(QUANTIZED_FP16), evaluation[:FP16_GRAPH_WINDOWS])
     release_memory()
     model, _ = smoothed_model(run)
-    layerwise_check(run, model, plan, evaluation[:LAYERWISE_WINDOWS])
     dequantized = {name: q.dequantize() for name, q in load_quantized(run.path(WEIGHTS)).items()}
     with fake_quantized(model, plan, dequantized):
         quantized_vs_sim = verify.compare_with_torch(run.path(QUANTIZED), model, evaluation[:FAITHFULNESS_WINDOWS],
                                                      "Q/DQ ONNX vs PyTorch fake-quant")
         quantized_vs_sim["noise_floor"] = verify.attention_path_noise_floor(model, evaluation[:FAITHFULNESS_WINDOWS])
+    layerwise = layerwise_inputs(run, model, plan)
+    del model, dequantized  # the diff's two graph sessions need the room; it keeps only the linears' weights
+    release_memory()
+    layerwise_check(run, *layerwise, evaluation[:LAYERWISE_WINDOWS])
     manifest = read_json(run.path("manifest.json"))
     if manifest["stages"].get("build", {}).get("status") == "done":  # same code path as ONNX Runtime's, via Polygraphy
         for measured, engine, graph in (("tensorrt_plan_vs_onnxruntime", ENGINE, QUANTIZED_FP16),
