@@ -26,7 +26,7 @@ from tqdm import tqdm
 from calibration.quant import QuantPlan, fake_quantized, keep_float
 from calibration.smoothing import layer_groups
 from pipeline.accuracy_target import METRICS, PERPLEXITY_BOUND, Target
-from pipeline.metrics import Perplexity, kl_divergence, next_token_nll
+from pipeline.metrics import Perplexity, kl_divergence
 from pipeline.tuning import batch_logits
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,9 @@ def activation_units(model: torch.nn.Module, spec, plan: QuantPlan) -> dict[str,
     return units
 
 
-def window_nll(logits: np.ndarray, ids: np.ndarray) -> list[float]:
-    """Mean next-token NLL of each window of a batch."""
-    return [float(np.divide(*next_token_nll(logits[i : i + 1], ids[i : i + 1]))) for i in range(len(ids))]
+def add_windows(perplexity: Perplexity, logits: np.ndarray, ids: np.ndarray) -> list[float]:
+    """Adds a batch to `perplexity` window by window; returns each window's mean next-token NLL."""
+    return [perplexity.add(logits[i : i + 1], ids[i : i + 1]) for i in range(len(ids))]
 
 
 def perplexity_delta_bound(candidate_nll: np.ndarray, reference_nll: np.ndarray) -> float:
@@ -67,16 +67,14 @@ class HoldoutJudge:
         self.reference_logits, perplexity, nll = [], Perplexity(), []
         for ids, logits in batch_logits(model, holdout, batch_size):
             self.reference_logits.append(logits)
-            perplexity.add(logits, ids)
-            nll += window_nll(logits, ids)
+            nll += add_windows(perplexity, logits, ids)
         self.reference_perplexity, self.reference_nll = perplexity.value(), np.array(nll)
 
     def score(self) -> dict:
         perplexity, kl_sum, positions, nll = Perplexity(), 0.0, 0, []
         batches = batch_logits(self.model, self.holdout, self.batch_size)
         for (ids, logits), reference in zip(batches, self.reference_logits):
-            perplexity.add(logits, ids)
-            nll += window_nll(logits, ids)
+            nll += add_windows(perplexity, logits, ids)
             kl = kl_divergence(reference[:, :-1], logits[:, :-1], torch.float32)  # the positions perplexity scores
             kl_sum, positions = kl_sum + float(kl.sum()), positions + kl.size
         value = perplexity.value()

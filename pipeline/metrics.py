@@ -128,10 +128,12 @@ class Perplexity:
     nll: float = 0.0
     count: int = 0
 
-    def add(self, logits: np.ndarray, ids: np.ndarray) -> None:
+    def add(self, logits: np.ndarray, ids: np.ndarray) -> float:
+        """Adds the batch; returns its mean next-token NLL."""
         s, n = next_token_nll(logits, ids)
         self.nll += s
         self.count += n
+        return s / n
 
     def value(self) -> float:
         return float(np.exp(self.nll / self.count))
