@@ -84,7 +84,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                         "the channels (not with --no-smooth); 0: off")
     p.add_argument("--accuracy-budget", default=None, metavar="TARGET",
                    help="ppl:<percent> (or just <percent>) or kl:<nats>: keep the fewest activation groups float so "
-                        "the holdout windows stay within it (perplexity above float, or mean KL from float)")
+                        "the holdout windows stay within it (the 95%% upper bound of perplexity above float, or mean KL "
+                        "from float)")
     p.add_argument("--holdout-windows", type=int, default=d_cal.holdout_windows,
                    help="calibration-source windows kept out of the statistics to score tuning choices")
     p.add_argument("--no-smooth", action="store_true", help="naive W8A8 without SmoothQuant (for comparison)")
