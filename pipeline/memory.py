@@ -1,7 +1,8 @@
 """Peak memory of each stage, estimated from the model config before anything is loaded.
 
 The model's own sizes come from its config (parameters counted on the meta device: exact). How many copies of
-the weights a stage holds at its peak was measured on SmolLM2-135M (make bench, docs/RESULTS.md): the model
+the weights a stage holds at its peak was measured on SmolLM2-135M (each stage its own process, docs/RESULTS.md
+"Stage peak memory after 35a2294"): the model
 (calibrate, quantize), the model beside the exporter's graph (export), ONNX Runtime sessions beside the linears'
 weights (verify). --low-memory holds one decoder layer (two with GPTQ's float twin) and the hidden states of the
 calibration windows instead.
