@@ -39,6 +39,14 @@ class Probes:
         return list(dict.fromkeys([*self.gemm_outputs.values(), *self.gemm_inputs.values(),
                                    *self.block_outputs.values()]))
 
+    def subset(self, modules: list[str]) -> "Probes":
+        """The probes of these modules and of the decoder blocks holding them, in execution order."""
+        keep, layers = set(modules), {layer_of(m) for m in modules}
+        return Probes({m: n for m, n in self.gemm_outputs.items() if m in keep},
+                      {m: n for m, n in self.gemm_inputs.items() if m in keep},
+                      {m: s for m, s in self.input_scales.items() if m in keep},
+                      {b: n for b, n in self.block_outputs.items() if b in layers})
+
 
 def find_probes(model: ir.Model, modules: list[str]) -> Probes:
     nodes = {node.name: node for node in model.graph}

@@ -1,8 +1,8 @@
 """Layer-wise diff of the reference and Q/DQ graphs: where quantization error enters and where it grows, keyed by
 PyTorch module name.
 
-Both graphs run in ONNX Runtime (Polygraphy OnnxrtRunner) on the same evaluation windows with chosen tensors
-marked as outputs (exporters/probes.py). Per quantized GEMM two numbers:
+Both graphs run in ONNX Runtime on the same evaluation windows with chosen tensors marked as outputs
+(exporters/probes.py). Per quantized GEMM two numbers:
 - local SNR: the GEMM's own output y_q against the float GEMM on the same input, x' W' (x' the input the Q node
   reads, W' the smoothed float weight). Upstream error is in both sides, so this is the error this GEMM adds
   (activation rounding and clipping, weight rounding): where error enters.
@@ -23,7 +23,9 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from exporters.decoder_io import DecoderShape
 from exporters.probes import Probes, find_probes, gemm_weight, layer_of, with_outputs
+from pipeline.memory import release_memory
 from pipeline.metrics import snr_db
 
 # A GEMM adds a "large" error when its local error power is 100x (20 dB) the median GEMM's of the same run:
@@ -54,17 +56,33 @@ class TensorError:
         return self.dot / max(np.sqrt(self.signal * self.candidate), 1e-300)
 
 
-def _marked_copy(path: Path, modules: list[str], folder: Path) -> tuple[Path, Probes, dict[str, np.ndarray]]:
-    """A copy of the graph in `folder` with the probes of `modules` marked as outputs; and the input-channel
-    absmax of each module's weight (as the graph multiplies it: dequantized where it is quantized)."""
-    model = ir.load(path)
-    probes = find_probes(model, modules)
-    weights = {m: np.abs(gemm_weight(model, m)).max(1) for m in modules}
-    with_outputs(model, probes.names())
-    folder.mkdir()
-    target = folder / path.name
-    ir.save(model, target, external_data=path.name + ".data")
-    return target, probes, weights
+class _MarkedGraph:
+    """A temporary copy of a graph with the probes of all `modules` marked as outputs, in one ONNX Runtime session;
+    each pass fetches only its own probes (ONNX Runtime frees the outputs nobody fetched). One copy and one session
+    per graph: writing a marked copy of SmolLM2's FP32 graph and loading it costs ~5 s."""
+
+    def __init__(self, path: Path, modules: list[str], folder: Path):
+        from pipeline.runtime import KV_DTYPES
+        from pipeline.verify import onnx_session
+
+        model = ir.load(path)
+        self.probes = find_probes(model, modules)
+        # The input-channel absmax of each module's weight as the graph multiplies it (dequantized where quantized).
+        self.weight_absmax = {m: np.abs(gemm_weight(model, m)).max(1) for m in modules}
+        with_outputs(model, self.probes.names())
+        folder.mkdir()
+        ir.save(model, folder / path.name, external_data=path.name + ".data")
+        del model
+        release_memory()  # the IR graph holds reference cycles: free its weights before the session copies them
+        # No memory arena: probe outputs differ in size from pass to pass, and an arena keeps its peak for good.
+        self.session = onnx_session(folder / path.name, memory_arena=False)
+        self.shape = DecoderShape.from_session(self.session)
+        past_type = next(i.type for i in self.session.get_inputs() if i.name == self.shape.past_names[0])
+        self.kv_dtype = KV_DTYPES[past_type]
+
+    def fetch(self, window: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        feed = self.shape.prefill_feed(window[None, :], self.kv_dtype)
+        return dict(zip(names, self.session.run(names, feed)))
 
 
 def clipped_fraction(x: np.ndarray, scale: float) -> float:
@@ -76,8 +94,8 @@ def channel_absmax(x: np.ndarray) -> np.ndarray:
     return np.abs(x.reshape(-1, x.shape[-1])).max(0).astype(np.float32)
 
 
-# Decoder layers whose probes one ONNX Runtime pass marks: every probe of a window comes back at once (SmolLM2:
-# ~0.7 GB per graph for all 30 layers), so the diff runs in passes of a few layers.
+# Decoder layers whose probes one ONNX Runtime pass fetches: every fetched probe of a window comes back at once
+# (SmolLM2: ~0.7 GB per graph for all 30 layers), so the diff runs in passes of a few layers.
 LAYERS_PER_PASS = 10
 
 
@@ -99,33 +117,29 @@ def layer_passes(modules: list[str], layers_per_pass: int) -> list[list[str]]:
             for i in range(0, len(layers), layers_per_pass)]
 
 
-def _diff_pass(folder: Path, reference: Path, quantized: Path, modules: list[str], windows: np.ndarray,
+def _diff_pass(reference: _MarkedGraph, quantized: _MarkedGraph, modules: list[str], windows: np.ndarray,
                float_weights: dict[str, np.ndarray], output_factors: dict[str, np.ndarray], acc: _Accumulated) -> None:
-    from pipeline.verify import onnx_runner, window_feeder
-
-    folder.mkdir()
-    ref_path, ref_probes, ref_weights = _marked_copy(reference, modules, folder / "reference")
-    q_path, q_probes, q_weights = _marked_copy(quantized, modules, folder / "quantized")
+    ref_probes, q_probes = reference.probes.subset(modules), quantized.probes.subset(modules)
     for m in q_probes.gemm_outputs:  # execution order
         acc.local[m], acc.accumulated[m], acc.clipped[m] = TensorError(), TensorError(), []
-        acc.channels[f"{m}/weight_before"], acc.channels[f"{m}/weight_after"] = ref_weights[m], q_weights[m]
+        acc.channels[f"{m}/weight_before"] = reference.weight_absmax[m]
+        acc.channels[f"{m}/weight_after"] = quantized.weight_absmax[m]
     acc.blocks.update({layer: TensorError() for layer in q_probes.block_outputs})
-    with onnx_runner(ref_path) as ref_runner, onnx_runner(q_path) as q_runner:
-        ref_feed, q_feed = window_feeder(ref_runner), window_feeder(q_runner)
-        for window in tqdm(windows, desc=f"layer-wise diff ({len(modules)} GEMMs)", unit="window"):
-            ref, got = ref_runner.infer(ref_feed(window)), q_runner.infer(q_feed(window))
-            for m in q_probes.gemm_outputs:
-                y_q, x = got[q_probes.gemm_outputs[m]], got[q_probes.gemm_inputs[m]]
-                factor = output_factors.get(m)
-                acc.accumulated[m].add(ref[ref_probes.gemm_outputs[m]], y_q * factor if factor is not None else y_q)
-                acc.local[m].add(x.astype(np.float32) @ float_weights[m], y_q)
-                if m in q_probes.input_scales:
-                    acc.clipped[m].append(clipped_fraction(x, q_probes.input_scales[m]))
-                for key, value in ((f"{m}/activation_before", ref[ref_probes.gemm_inputs[m]]),
-                                   (f"{m}/activation_after", x)):
-                    acc.channels[key] = np.maximum(acc.channels.get(key, 0.0), channel_absmax(value))
-            for layer in q_probes.block_outputs:
-                acc.blocks[layer].add(ref[ref_probes.block_outputs[layer]], got[q_probes.block_outputs[layer]])
+    for window in tqdm(windows, desc=f"layer-wise diff ({len(modules)} GEMMs)", unit="window"):
+        ref, got = reference.fetch(window, ref_probes.names()), quantized.fetch(window, q_probes.names())
+        for m in q_probes.gemm_outputs:
+            y_q, x = got[q_probes.gemm_outputs[m]], got[q_probes.gemm_inputs[m]]
+            factor = output_factors.get(m)
+            acc.accumulated[m].add(ref[ref_probes.gemm_outputs[m]], y_q * factor if factor is not None else y_q)
+            acc.local[m].add(x.astype(np.float32) @ float_weights[m], y_q)
+            if m in q_probes.input_scales:
+                acc.clipped[m].append(clipped_fraction(x, q_probes.input_scales[m]))
+            for key, value in ((f"{m}/activation_before", ref[ref_probes.gemm_inputs[m]]),
+                               (f"{m}/activation_after", x)):
+                acc.channels[key] = np.maximum(acc.channels.get(key, 0.0), channel_absmax(value))
+        for layer in q_probes.block_outputs:
+            acc.blocks[layer].add(ref[ref_probes.block_outputs[layer]], got[q_probes.block_outputs[layer]])
+        del ref, got  # the next window's probes need the room
 
 
 def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_weights: dict[str, np.ndarray],
@@ -136,11 +150,13 @@ def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_
     Returns the per-GEMM and per-block errors, and per module the input-channel absmax of its activation and
     weight in the reference graph ("before") and in the Q/DQ graph ("after": smoothed; weights dequantized),
     measured on the same windows, for the outlier analysis."""
-    acc = _Accumulated()
+    acc, modules = _Accumulated(), list(float_weights)
     with tempfile.TemporaryDirectory() as tmp:
-        for i, modules in enumerate(layer_passes(list(float_weights), LAYERS_PER_PASS)):
-            _diff_pass(Path(tmp) / f"pass{i}", reference, quantized, modules, windows, float_weights, output_factors,
-                       acc)
+        marked = [_MarkedGraph(path, modules, Path(tmp) / kind) for kind, path in
+                  (("reference", reference), ("quantized", quantized))]
+        for pass_modules in layer_passes(modules, LAYERS_PER_PASS):
+            _diff_pass(*marked, pass_modules, windows, float_weights, output_factors, acc)
+        del marked  # close both sessions before the folder holding their graphs goes
     gemms = [{"module": m, "layer": layer_of(m), "local_snr_db": acc.local[m].snr_db(),
               "output_snr_db": acc.accumulated[m].snr_db(), "output_cosine": float(acc.accumulated[m].cosine()),
               "input_clipped_fraction": float(np.mean(acc.clipped[m])) if acc.clipped[m] else None}
