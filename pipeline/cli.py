@@ -241,8 +241,9 @@ def run(argv: list[str] | None = None) -> int:
         from pipeline import stages
         from pipeline.memory import map_large_blocks
 
-        map_large_blocks()
         config = config_from(args)
+        if config.low_memory:
+            map_large_blocks()
         config.build.limits()  # bad limits fail before any stage runs
         current = stages.Run(config)
         names = ORDER if args.command == "engine" else (args.command,)

@@ -110,10 +110,12 @@ LARGE_BLOCK_BYTES = 1 << 20
 
 def map_large_blocks() -> None:
     """Serve every allocation of 1 MB and more (activations, logits, weight temporaries) with its own mapping, given
-    back to the operating system when freed. glibc's default threshold rises after each such free, up to 32 MB, and
-    larger-than-1 MB tensors then come from the heap, where fragmentation keeps what they freed: on SmolLM2 the
-    quantize stage peaked at 1.18 GB in one run and 2.70 GB in the next (the heap grew ~100 MB per calibration batch);
-    with the threshold fixed it peaked at 1.27 GB. A user's own MALLOC_MMAP_THRESHOLD_ wins; not glibc: no-op."""
+    back to the operating system when freed: what --low-memory runs under. glibc's default threshold rises after
+    each such free, up to 32 MB, and larger-than-1 MB tensors then come from the heap, where fragmentation can keep
+    what they freed: --low-memory calibrate on SmolLM2 peaked anywhere from 738 to 1,540 MB across 8 runs, and at
+    689 MB with the threshold fixed. The price is a page fault per page of every large buffer (quantize 116 s
+    instead of 77 s), so in-memory runs, whose peak is the export's either way, keep glibc's default
+    (docs/RESULTS.md). A user's own MALLOC_MMAP_THRESHOLD_ wins; not glibc: no-op."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     try:

@@ -81,3 +81,19 @@ def test_a_freed_activation_sized_block_goes_back_to_the_os_under_the_stage_allo
 
     assert retained_mb("default") > 6  # glibc keeps the freed 8 MB in its heap: the growth seen in quantize
     assert retained_mb("mapped") < 1
+
+
+@pytest.mark.parametrize("flags, mapped", [([], False), (["--low-memory"], True)])
+def test_only_low_memory_runs_under_the_allocator_policy(monkeypatch, tmp_path, flags, mapped):
+    """--low-memory trades speed for memory; an in-memory run keeps glibc's faster default (its peak is the
+    export's either way). The run stops at its bad build limits, after the policy is chosen and before any stage."""
+    from pipeline import cli
+
+    calls = []
+    monkeypatch.setattr("pipeline.memory.map_large_blocks", lambda: calls.append(True))
+    text = tmp_path / "calib.txt"
+    text.write_text("calibration text\n")
+    argv = ["calibrate", "--out", str(tmp_path / "out"), "--calib", str(text), "--max-input-len", "4096", *flags]
+    assert cli.run(argv) == 2
+    assert calls == ([True] if mapped else [])
+    assert not (tmp_path / "out" / "stages").exists()
