@@ -58,8 +58,8 @@ class TensorError:
 
 class _MarkedGraph:
     """A temporary copy of a graph with the probes of all `modules` marked as outputs, in one ONNX Runtime session;
-    each pass fetches only its own probes (ONNX Runtime frees the outputs nobody fetched). One copy and one session
-    per graph: writing a marked copy of SmolLM2's FP32 graph and loading it costs ~5 s."""
+    each pass fetches only its own probes, so only those come back. One copy and one session per graph: writing a
+    marked copy of SmolLM2's FP32 graph and loading it costs ~5 s."""
 
     def __init__(self, path: Path, modules: list[str], folder: Path):
         from pipeline.runtime import KV_DTYPES

@@ -2,7 +2,7 @@
 
 The model's own sizes come from its config (parameters counted on the meta device: exact). How many copies of
 the weights a stage holds at its peak was measured on SmolLM2-135M (each stage its own process, docs/RESULTS.md
-"Stage peak memory after 35a2294"): the model
+"Verify's layer-wise diff, the allocator policy, and the bench at a88393c"): the model
 (calibrate, quantize), the model beside the exporter's graph (export), ONNX Runtime sessions beside the linears'
 weights (verify). --low-memory holds one decoder layer (two with GPTQ's float twin) and the hidden states of the
 calibration windows instead.
@@ -21,10 +21,13 @@ from pipeline.config import RunConfig
 GB = 1e9
 RUNTIME_BYTES = 0.45e9  # Python, torch, transformers, onnx (importing the pipeline: 0.35 GB), the tokenized text
 # Copies of the FP32 weights each in-memory stage holds at its peak, beyond the runtime and the activations
-# (SmolLM2, 0.54 GB of weights, each stage its own process: 1.22, 1.22, 3.12 and 3.37 GB peak RSS). Export: the
-# traced model, the exporter's folded constants and serialized graph; verify: two ONNX Runtime sessions and their
-# probed outputs in the layer-wise diff.
-WEIGHT_COPIES = {"calibrate": 1.2, "quantize": 1.0, "export": 4.7, "verify": 5.1}
+# (SmolLM2, 0.54 GB of weights, each stage its own process, `make bench` at a88393c: 1.96, 2.16, 3.23 and
+# 3.05 GB peak RSS). Calibrate and quantize hold one model, but under glibc's default allocator their freed
+# activation buffers can stay in a fragmented heap (two other quantize runs of this code peaked at 1.26 and
+# 1.27 GB): the estimate takes the upper end, since it exists to warn before memory runs out. Export: the traced
+# model, the exporter's folded constants and serialized graph; verify: ONNX Runtime sessions beside the linears'
+# weights.
+WEIGHT_COPIES = {"calibrate": 2.6, "quantize": 2.7, "export": 4.9, "verify": 4.6}
 STREAMED_STAGES = ("calibrate", "quantize")  # the stages --low-memory runs layer by layer
 
 
