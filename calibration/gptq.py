@@ -8,6 +8,7 @@ TensorRT's blocked DequantizeLinear can only express contiguous blocks (shared/d
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -222,22 +223,29 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     return GptqResult(QuantizedWeight(codes.to(torch.int8), scales.float(), bits, size), damp_used, act_order)
 
 
+# The bits and group size of every module, as one JSON metadata entry sorted by name: safetensors writes a
+# metadata map in hash order, which differs from process to process, so one entry per module made the file's bytes
+# differ between two runs that computed the same weights.
+LAYOUTS = "layouts"
+
+
 def save_quantized(weights: dict[str, QuantizedWeight], path) -> None:
     """Codes (int8 container) and scales of every quantized linear, with bits and group size per module."""
-    tensors, metadata = {}, {}
+    tensors, layouts = {}, {}
     for name, q in weights.items():
         tensors[f"{name}.codes"] = q.codes.contiguous()
         tensors[f"{name}.scales"] = q.scales.float().contiguous()
-        metadata[name] = f"{q.bits},{q.group_size}"
-    save_file(tensors, str(path), metadata=metadata)
+        layouts[name] = [q.bits, q.group_size]
+    save_file(tensors, str(path), metadata={LAYOUTS: json.dumps(layouts, sort_keys=True)})
 
 
 def load_quantized(path) -> dict[str, QuantizedWeight]:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        result = {}
-        for name, layout in metadata.items():
-            bits, group_size = (int(v) for v in layout.split(","))
-            result[name] = QuantizedWeight(f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scales"), bits,
-                                           group_size)
+        if LAYOUTS not in metadata:
+            raise CalibrationError(f"{path} has no '{LAYOUTS}' entry: it was written by an older smoothtrt or another "
+                                   "tool; run the quantize stage again")
+        layouts = json.loads(metadata[LAYOUTS])
+        result = {name: QuantizedWeight(f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scales"), bits, group_size)
+                  for name, (bits, group_size) in layouts.items()}
     return result

@@ -64,6 +64,7 @@ BUDGET = "accuracy_budget.json"
 KV_SCALES = "kv_cache_scales.json"
 ATTENTION_RANGES = "attention_ranges.json"
 GRAPH_LAYOUT = "float weight matrices stored FP16 in quantized.onnx"
+WEIGHTS_LAYOUT = "bits and group sizes as one sorted JSON metadata entry"  # in the key: older OUTs re-quantize
 VERIFICATION = "verification.json"  # everything verify measured; the report adds analysis of saved artifacts
 LAYERWISE = "layerwise.json"
 LAYERWISE_CHANNELS = "layerwise_channels.npz"  # per-module channel absmax before/after smoothing
@@ -181,7 +182,7 @@ def calibrate(run: Run) -> None:
 
 def quantize(run: Run) -> QuantPlan:
     cfg = run.config.quant
-    key = digest("quantize", run.records.key("calibrate"), cfg)
+    key = digest("quantize", run.records.key("calibrate"), cfg, WEIGHTS_LAYOUT)
     if _up_to_date(run, "quantize", key):
         return QuantPlan.from_json(read_json(run.path(PLAN)))
     windows = np.load(run.path(WINDOWS))

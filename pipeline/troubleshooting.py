@@ -84,6 +84,8 @@ ENTRIES = (
           "add `--low-memory` (calibrate, quantize), or run export and verify on a larger machine", warning=True),
     Entry(("cannot write to OUT",), "choose a writable folder"),
     Entry(("stage '...' has not run in",), "run the stage the message names first (or `make engine`)"),
+    Entry(("... has no 'layouts' entry",), "the integer weights file is not this version's: run "
+          "`python -m pipeline quantize` (or `make engine`) again for that OUT"),
     Entry(("... breaks TensorRT Q/DQ rules",), "names the node and PyTorch module and the rule broken"),
     Entry(("REQUIRE_PLAN=1 but the TensorRT plan cannot be built here",),
           "run on a machine with TensorRT and a CUDA GPU"),

@@ -1,16 +1,22 @@
 """GPTQ and RTN maths: error reduction on real layer inputs, group layout, static-group act-order, numerics."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from calibration import CalibrationError
 from calibration.architectures import spec_for_model_type
 from calibration.gptq import (HessianAccumulator, QuantizedWeight, code_range, float_target, gptq, group_scales,
                               load_quantized, output_error, rtn, save_quantized)
 from calibration.sequential import GptqSettings, gptq_sequential
 from calibration.stats import quantizable_linears
+from pipeline import troubleshooting
 from tests.conftest import random_windows, tiny_model
 
 
@@ -134,6 +140,31 @@ def test_saved_weights_load_back_identical(tmp_path):
     back = load_quantized(tmp_path / "w.safetensors")["layer.w"]
     assert isinstance(back, QuantizedWeight) and (back.bits, back.group_size) == (3, 32)
     assert torch.equal(back.codes, q.codes) and torch.equal(back.scales, q.scales)
+
+
+SAVE_SCRIPT = """
+import sys, torch
+from calibration.gptq import rtn, save_quantized
+torch.manual_seed(0)
+weights = {f"model.layers.{i}.mlp.down_proj": rtn(torch.randn(8, 64), 4, 32, fp16_scales=True) for i in range(8)}
+save_quantized(weights, sys.argv[1])
+"""
+
+
+def test_two_processes_saving_the_same_weights_write_the_same_bytes(tmp_path):
+    """safetensors orders a metadata map by hash, seeded per process: two runs must not differ by it."""
+    paths = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(path)], check=True, cwd=Path(__file__).parents[2])
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_weights_without_their_layouts_are_refused_with_the_fix(tmp_path):
+    save_file({"layer.w.codes": torch.zeros(2, 2, dtype=torch.int8)}, str(tmp_path / "old.safetensors"),
+              metadata={"layer.w": "8,2"})
+    with pytest.raises(CalibrationError, match="run the quantize stage again") as refused:
+        load_quantized(tmp_path / "old.safetensors")
+    assert troubleshooting.find(str(refused.value)) is not None  # in the README's error list
 
 
 def test_sequential_gptq_beats_rtn_on_the_model_output():
