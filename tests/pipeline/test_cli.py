@@ -63,9 +63,10 @@ def test_second_run_resumes_and_changes_nothing(finished, tiny_model_dir, corpus
     assert {k: v for k, v in after.items() if k != "manifest.json"} == {k: v for k, v in before.items() if k != "manifest.json"}
 
 
-def test_two_runs_give_byte_identical_onnx_and_plan(finished, tiny_model_dir, corpus, tmp_path):
+def test_two_runs_give_byte_identical_onnx_plan_and_weights(finished, tiny_model_dir, corpus, tmp_path):
     assert engine(tiny_model_dir, tmp_path, corpus) == 0
-    for name in ("reference.onnx", "quantized.onnx", "quantized.fp16.onnx", "quant_plan.json"):
+    for name in ("reference.onnx", "quantized.onnx", "quantized.fp16.onnx", "quant_plan.json",
+                 "calibration_stats.safetensors", "smoothing_factors.safetensors", "quantized_weights.safetensors"):
         assert (tmp_path / name).read_bytes() == (finished / name).read_bytes(), name
 
 
