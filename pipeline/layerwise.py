@@ -62,7 +62,7 @@ class _MarkedGraph:
     marked copy of SmolLM2's FP32 graph and loading it costs ~5 s."""
 
     def __init__(self, path: Path, modules: list[str], folder: Path):
-        from pipeline.runtime import KV_DTYPES
+        from pipeline.runtime import kv_dtype
         from pipeline.verify import onnx_session
 
         model = ir.load(path)
@@ -77,8 +77,7 @@ class _MarkedGraph:
         # No memory arena: probe outputs differ in size from pass to pass, and an arena keeps its peak for good.
         self.session = onnx_session(folder / path.name, memory_arena=False)
         self.shape = DecoderShape.from_session(self.session)
-        past_type = next(i.type for i in self.session.get_inputs() if i.name == self.shape.past_names[0])
-        self.kv_dtype = KV_DTYPES[past_type]
+        self.kv_dtype = kv_dtype(self.session, self.shape)
 
     def fetch(self, window: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         feed = self.shape.prefill_feed(window[None, :], self.kv_dtype)

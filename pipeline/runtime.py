@@ -20,6 +20,11 @@ TOKENIZER = "tokenizer"  # folder next to the graphs, written by the export stag
 KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}  # int8: --kv-cache-int8
 
 
+def kv_dtype(session: ort.InferenceSession, shape: DecoderShape):
+    """The numpy dtype of a decoder session's past key/value inputs."""
+    return KV_DTYPES[next(i.type for i in session.get_inputs() if i.name == shape.past_names[0])]
+
+
 class KVCache:
     """Past keys and values of one batch, in two buffers per tensor allocated once at the full length.
 
@@ -91,8 +96,7 @@ class OnnxDecoder(TextGeneration):
         except Exception as e:  # ONNX Runtime raises its own exception types for unreadable models
             raise PipelineError(f"cannot load {self.path.name} in ONNX Runtime: {diagnose_onnx(self.path, e)}") from None
         self.shape = DecoderShape.from_session(self.session)
-        past_type = next(i.type for i in self.session.get_inputs() if i.name == self.shape.past_names[0])
-        self.kv_dtype = KV_DTYPES[past_type]
+        self.kv_dtype = kv_dtype(self.session, self.shape)
         self.tokenizer = load_tokenizer(self.path.parent)
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
