@@ -107,7 +107,7 @@ def fit_budget(model: torch.nn.Module, spec, plan: QuantPlan, holdout: np.ndarra
                 "judged_by": key,
                 "all_quantized": quantized, "unit_cost": {}, "unit_kl_cost": {}, "kept_float": [], "steps": []}
     current = quantized
-    if quantized[key] > target.value:
+    if not target.met(quantized, key):
         gain = {}
         for unit in tqdm(units, desc="sensitivity per quantized activation", unit="unit"):
             alone = score([unit])
@@ -116,7 +116,7 @@ def fit_budget(model: torch.nn.Module, spec, plan: QuantPlan, holdout: np.ndarra
             evidence["unit_cost"][unit] = target.of(quantized) - target.of(alone)
         chosen = []
         for unit in sorted(units, key=gain.get, reverse=True):
-            if current[key] <= target.value or gain[unit] <= 0:
+            if target.met(current, key) or gain[unit] <= 0:
                 break
             chosen.append(unit)
             current = score(chosen)
@@ -124,7 +124,7 @@ def fit_budget(model: torch.nn.Module, spec, plan: QuantPlan, holdout: np.ndarra
             log.info("budget: %s float -> holdout %s (judged %s)", unit, target.describe(target.of(current)),
                      target.describe(current[key]))
         evidence["kept_float"] = chosen
-    evidence.update(final=current, met=current[key] <= target.value)
+    evidence.update(final=current, met=target.met(current, key))
     reasons = {n: f"accuracy budget: quantizing it costs {target.describe(evidence['unit_cost'][u])} on the holdout"
                for u in evidence["kept_float"] for n in units[u]}
     return keep_float(plan, reasons), evidence
