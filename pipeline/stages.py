@@ -327,22 +327,24 @@ def export(run: Run) -> None:
         tokenizer.save_pretrained(tmp)
     names = list(quantizable_linears(model, spec))
     outputs = [f"{TOKENIZER}/{p.name}" for p in sorted(run.path(TOKENIZER).iterdir())]
-    for dtype, name in ((torch.float32, REFERENCE), (torch.float16, REFERENCE_FP16)):
-        log.info("export: %s (reference %s decoder graph with KV cache)", name, dtype)
-        outputs += save_onnx(export_model(model, dtype, cfg.opset, names), run.path(name), cfg.external_data_threshold)
-        release_memory()
     quant = run.config.quant
     if not quant.recipe.int8_activations:
         log.info("export: %s/ (Hugging Face GPTQ layout of the same integer weights)", CHECKPOINT)
         write_checkpoint(run.path(CHECKPOINT), model, tokenizer, load_quantized(run.path(WEIGHTS)),
                          quantization_config(quant.recipe.weight_bits, quant.group_size, quant.act_order, quant.damp))
         outputs += [f"{CHECKPOINT}/{p.name}" for p in sorted(run.path(CHECKPOINT).iterdir())]
+    for dtype, name in ((torch.float32, REFERENCE), (torch.float16, REFERENCE_FP16)):
+        log.info("export: %s (reference %s decoder graph with KV cache)", name, dtype)
+        model.to(dtype)  # in place: the FP16 graph comes after the FP32 one is written, so one copy of the weights
+        outputs += save_onnx(export_model(model, dtype, cfg.opset, names), run.path(name), cfg.external_data_threshold)
+        release_memory()
     del model
     model, _ = smoothed_model(run)
     linears = linear_quantizations(plan, load_quantized(run.path(WEIGHTS)))
     kv_scales_found = attention_found = None
     for dtype, scale_dtype, name in ((torch.float32, np.float32, QUANTIZED), (torch.float16, np.float16, QUANTIZED_FP16)):
         log.info("export: %s (%s graph, %d quantized linears)", name, dtype, len(linears))
+        model.to(dtype)  # in place, as for the reference graphs
         graph = export_model(model, dtype, cfg.opset, names)
         insert_qdq(graph, linears, scale_dtype)
         if dtype == torch.float32:
