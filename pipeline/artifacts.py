@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline import PipelineError
 
 PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "onnx-ir", "polygraphy", "numpy", "gguf")
+TOKENIZER = "tokenizer"  # folder next to the graphs, written by the export stage, loaded by pipeline/runtime.py
 
 
 def prepare_out(out: Path) -> Path:

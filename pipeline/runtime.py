@@ -12,11 +12,11 @@ import onnxruntime as ort
 
 from exporters.decoder_io import IDS, MASK, POSITIONS, LOGITS, DecoderShape
 from pipeline import PipelineError
+from pipeline.artifacts import TOKENIZER
 from pipeline.generation import TextGeneration
 
 log = logging.getLogger(__name__)
 
-TOKENIZER = "tokenizer"  # folder next to the graphs, written by the export stage
 KV_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}  # int8: --kv-cache-int8
 
 

@@ -2,6 +2,10 @@
 
 A stage is skipped when its record in OUT/stages/ has the same key (hash of its inputs: model content, config,
 upstream keys) and its outputs still hash the same; otherwise it runs and overwrites them atomically.
+
+The graph side (onnx-ir, ONNX, ONNX Runtime, Polygraphy, matplotlib) is imported inside the functions of the
+export and verify stages: calibrate and quantize, the stages --low-memory streams, then never load it (55 MB of
+resident memory on SmolLM2, a tenth of what --low-memory may use).
 """
 
 from __future__ import annotations
@@ -9,9 +13,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx_ir as ir
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -23,26 +27,23 @@ from calibration.quant import QuantPlan, check_patterns, fake_quantized
 from calibration.recipe import apply_rotations, smooth_and_plan
 from calibration.smoothing import apply_factors
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
-from exporters.attention_qdq import quantize_attention
-from exporters.kv_quant import quantize_kv_cache
 from exporters.gptq_checkpoint import quantization_config, write_checkpoint
-from exporters.lint import check_onnx_file, lint_or_raise
-from exporters.onnx_export import export_model
-from exporters.qdq import (LinearQuantization, grouped_linear, insert_qdq, module_node_map,
-                           round_kept_float_weights, store_float_weights_fp16)
-from pipeline import PipelineError, models, report, report_files, tuning, verify
+from pipeline import PipelineError, models, report, tuning
 from pipeline.accuracy_target import Target
 from pipeline.budget import fit_budget
-from pipeline.artifacts import (StageRecords, atomic_folder, atomic_path, prepare_out, read_json, scratch_folder,
-                                versions, write_json)
+from pipeline.artifacts import (TOKENIZER, StageRecords, atomic_folder, atomic_path, prepare_out, read_json,
+                                scratch_folder, versions, write_json)
 from pipeline.config import RunConfig, digest
-from pipeline.graph_ranges import attention_ranges, kv_cache_scales
 from pipeline.memory import (STREAMED_STAGES, ModelShape, available_bytes, describe_peaks, estimate_peaks,
                             release_memory)
-from pipeline.runtime import TOKENIZER
 from pipeline.streamed import streamed_quantize
 from pipeline.weights import FLOAT_MODULES, integer_weights
 from trt_builder import BuildError
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from exporters.qdq import LinearQuantization
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,10 @@ def quantize(run: Run) -> QuantPlan:
     if run.config.low_memory:  # RunConfig refuses --accuracy-budget with it
         reader, spec = run.weight_reader(), models.architecture(run.source)
         check_patterns(spec.linear_names(reader.config.num_hidden_layers), cfg.include, cfg.skip)
-        factors, plan, choice, weights = streamed_quantize(reader, spec, cfg, load_stats(run.path(STATS)),
-                                                           windows["calibration"], run.config.calibration.batch_size)
+        with scratch_folder(run.path(WEIGHTS).with_suffix(".layers")) as spill:
+            factors, plan, choice, weights = streamed_quantize(reader, spec, cfg, load_stats(run.path(STATS)),
+                                                               windows["calibration"],
+                                                               run.config.calibration.batch_size, spill)
     else:
         factors, plan, choice, weights = _quantize_in_memory(run, windows)
     with atomic_path(run.path(FACTORS)) as tmp:
@@ -274,6 +277,8 @@ def _imported_weights(run: Run, model, spec) -> dict[str, QuantizedWeight] | Non
 def smoothed_model(run: Run):
     """The float model as the Q/DQ graph holds it: smoothing factors folded, kept-float weight matrices rounded to
     the FP16 the graph stores them in (quantized linears get their integer weights from the quantize stage)."""
+    from exporters.qdq import round_kept_float_weights
+
     model, tokenizer, spec = run.model()
     apply_factors(model, spec, load_file(str(run.path(FACTORS))))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
@@ -283,6 +288,8 @@ def smoothed_model(run: Run):
 
 
 def linear_quantizations(plan: QuantPlan, weights: dict[str, QuantizedWeight]) -> list[LinearQuantization]:
+    from exporters.qdq import grouped_linear
+
     return [grouped_linear(e.name, weights[e.name].codes.numpy(), weights[e.name].scales.numpy(),
                            weights[e.name].group_size, e.input_scale, weights[e.name].bits) for e in plan.quantized()]
 
@@ -291,6 +298,10 @@ def save_onnx(graph: ir.Model, path: Path, threshold: int) -> list[str]:
     """Write the graph (with `<name>.data` beside it when its tensors exceed `threshold` bytes, ExportConfig) into
     a temporary folder, check it, then move the data and finally the graph into place, so a crash or a full disk
     never leaves a graph, or data, that is half written. Returns the file names written."""
+    import onnx_ir as ir
+
+    from exporters.lint import check_onnx_file
+
     size = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
     external = path.name + ".data" if size > threshold else None
     with scratch_folder(path) as tmp:
@@ -314,6 +325,13 @@ def _graph_ranges(run: Run, graph: ir.Model, observe, saved_as: str, what: str) 
 
 
 def export(run: Run) -> None:
+    from exporters.attention_qdq import quantize_attention
+    from exporters.kv_quant import quantize_kv_cache
+    from exporters.lint import lint_or_raise
+    from exporters.onnx_export import export_model
+    from exporters.qdq import insert_qdq, module_node_map, store_float_weights_fp16
+    from pipeline.graph_ranges import attention_ranges, kv_cache_scales
+
     cfg = run.config.export
     # The graph list and layout are part of the key: a version that writes other graphs re-exports an older OUT.
     key = digest("export", run.records.key("quantize"), cfg, [REFERENCE, REFERENCE_FP16, QUANTIZED, QUANTIZED_FP16],
@@ -399,6 +417,8 @@ def build(run: Run) -> None:
 def generation_check(run: Run, model, tokenizer) -> dict:
     """Greedy tokens of PyTorch's generate() vs the reference graph's KV-cache loop (exactness of the export), and
     the Q/DQ graph's tokens vs the reference's (what quantization changes in generated text)."""
+    from pipeline import verify
+
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in verify.GENERATION_PROMPTS]
     new = verify.GENERATED_TOKENS
     torch_tokens = verify.torch_greedy(model, prompts, new)
@@ -437,6 +457,8 @@ def layerwise_check(run: Run, float_weights: dict[str, np.ndarray], factors: dic
 
 
 def verify_stage(run: Run) -> dict:
+    from pipeline import report_files, verify
+
     key = digest("verify", run.records.key("export"), run.records.details("calibrate"),
                  read_json(run.path("manifest.json"))["stages"].get("build"))
     if _up_to_date(run, "verify", key):

@@ -3,17 +3,20 @@
 Each layer window goes through what the in-memory stage does to the whole model: alpha choice and smoothing on
 the float hidden states, ranges, integer weights; then the hidden states advance through it. GPTQ also carries
 the hidden states of the already-quantized layers (its inputs), beside the float model's (its target).
+Each layer's integer weights wait on disk until the last layer is done: kept in memory they would grow by the
+whole model's codes (107 MB of INT8 for SmolLM2) while the hidden states are still held.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from calibration.architectures import ArchitectureSpec
-from calibration.gptq import QuantizedWeight
+from calibration.gptq import QuantizedWeight, load_quantized, save_quantized
 from calibration.layer_stream import WeightReader, advance, embed, layer_windows
 from calibration.quant import QuantPlan
 from calibration.recipe import smooth_and_plan
@@ -23,13 +26,14 @@ from pipeline.weights import FLOAT_MODULES, integer_weights
 
 
 def streamed_quantize(reader: WeightReader, spec: ArchitectureSpec, cfg: QuantConfig, absmax: dict[str, torch.Tensor],
-                      calibration: np.ndarray, batch: int
+                      calibration: np.ndarray, batch: int, spill: Path
                       ) -> tuple[dict[str, torch.Tensor], QuantPlan, dict, dict[str, QuantizedWeight]]:
-    """(smoothing factors, plan, alpha choice, integer weights), as the in-memory quantize stage makes them."""
+    """(smoothing factors, plan, alpha choice, integer weights), as the in-memory quantize stage makes them.
+    `spill`: an empty folder for the layers' integer weights until the end."""
     gptq = cfg.recipe.weight_method == "gptq"
     hidden = embed(reader, spec, calibration)  # the float model's (smoothing keeps it float-exact)
     quantized_hidden = hidden.copy() if gptq else hidden
-    factors, weights, plans, choices = {}, {}, [], []
+    factors, spilled, plans, choices = {}, [], [], []
     for model in layer_windows(reader, spec, "quantizing layer by layer"):
         plan = None
         if cfg.recipe.int8_activations:
@@ -41,11 +45,14 @@ def streamed_quantize(reader: WeightReader, spec: ArchitectureSpec, cfg: QuantCo
         float_layer = copy.deepcopy(model) if gptq else model  # GPTQ replaces the window's weights in place
         layer_weights, plan = integer_weights(model, spec, plan, cfg, quantized_hidden, batch, None,
                                               hidden if gptq else None)
-        weights.update(layer_weights)
+        spilled.append(spill / f"{len(spilled)}.safetensors")
+        save_quantized(layer_weights, spilled[-1])
         plans.append(plan)
         if gptq:
             advance(model, quantized_hidden, batch)
         advance(float_layer, hidden, batch)
+    del hidden, quantized_hidden, model, float_layer, layer_weights
+    weights = {name: q for path in spilled for name, q in load_quantized(path).items()}
     return factors, merged_plan(plans), merged_choice(choices, cfg), weights
 
 
