@@ -2,9 +2,9 @@
 
 The model's own sizes come from its config (parameters counted on the meta device: exact). How many copies of
 the weights a stage holds at its peak was measured on SmolLM2-135M (each stage its own process, docs/RESULTS.md
-"Verify's layer-wise diff, the allocator policy, and the bench at a88393c"): the model
-(calibrate, quantize), the model beside the exporter's graph (export), ONNX Runtime sessions beside the linears'
-weights (verify). --low-memory holds one decoder layer (two with GPTQ's float twin) and the hidden states of the
+"Export without weight copies, a smaller --low-memory, and the bench at 6e1be48"): the model (calibrate,
+quantize), the model beside the exporter's shape-inference copy (export), ONNX Runtime sessions beside the
+linears' weights (verify). --low-memory holds one decoder layer (two with GPTQ's float twin) and the hidden states of the
 calibration windows instead.
 An estimate, not a bound: the bench prints it next to the measured peak RSS.
 """
@@ -21,13 +21,13 @@ from pipeline.config import RunConfig
 GB = 1e9
 RUNTIME_BYTES = 0.45e9  # Python, torch, transformers, onnx (importing the pipeline: 0.35 GB), the tokenized text
 # Copies of the FP32 weights each in-memory stage holds at its peak, beyond the runtime and the activations
-# (SmolLM2, 0.54 GB of weights, each stage its own process, `make bench` at a88393c: 1.96, 2.16, 3.23 and
-# 3.05 GB peak RSS). Calibrate and quantize hold one model, but under glibc's default allocator their freed
-# activation buffers can stay in a fragmented heap (two other quantize runs of this code peaked at 1.26 and
-# 1.27 GB): the estimate takes the upper end, since it exists to warn before memory runs out. Export: the traced
-# model, the exporter's folded constants and serialized graph; verify: ONNX Runtime sessions beside the linears'
-# weights.
-WEIGHT_COPIES = {"calibrate": 2.6, "quantize": 2.7, "export": 4.9, "verify": 4.6}
+# (SmolLM2, 0.54 GB of weights, each stage its own process, `make bench` at 6e1be48: 2.10, 2.22, 1.70 and
+# 3.06 GB peak RSS). Calibrate and quantize hold one model, but under glibc's default allocator their freed
+# activation buffers can stay in a fragmented heap (other runs of the same code peaked at 1.18 and 1.26 GB):
+# the estimate takes the upper end, since it exists to warn before memory runs out. Export: the traced model and
+# the copy the exporter's shape inference makes of its parameters; verify: ONNX Runtime sessions beside the
+# linears' weights.
+WEIGHT_COPIES = {"calibrate": 2.8, "quantize": 2.8, "export": 2.1, "verify": 4.6}
 STREAMED_STAGES = ("calibrate", "quantize")  # the stages --low-memory runs layer by layer
 
 
@@ -117,7 +117,7 @@ def map_large_blocks() -> None:
     each such free, up to 32 MB, and larger-than-1 MB tensors then come from the heap, where fragmentation can keep
     what they freed: --low-memory calibrate on SmolLM2 peaked anywhere from 738 to 1,540 MB across 8 runs, and at
     689 MB with the threshold fixed. The price is a page fault per page of every large buffer (quantize 116 s
-    instead of 77 s), so in-memory runs, whose peak is the export's either way, keep glibc's default
+    instead of 77 s), so in-memory runs, whose peak is verify's either way, keep glibc's default
     (docs/RESULTS.md). A user's own MALLOC_MMAP_THRESHOLD_ wins; not glibc: no-op."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
