@@ -16,6 +16,7 @@ error grows).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,28 @@ class _MarkedGraph:
         return dict(zip(names, self.session.run(names, feed)))
 
 
+class SavedWeights(Mapping):
+    """Float weights written to `folder` one .npy file per module, each read back when asked for. The diff needs a
+    quantized linear's float weight for one product per window; holding all of them would keep the linears'
+    whole FP32 size (425 MB for SmolLM2) beside the two graph sessions, at verify's peak."""
+
+    def __init__(self, folder: Path, weights: Mapping[str, np.ndarray]):
+        self.folder, self.names = folder, list(weights)
+        for name, weight in weights.items():
+            np.save(folder / f"{name}.npy", weight)  # a transposed view is written as is, in Fortran order
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        return np.load(self.folder / f"{name}.npy")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def clipped_fraction(x: np.ndarray, scale: float) -> float:
     """Share of the values a symmetric INT8 quantizer with this scale saturates (|x / scale| beyond 127.5)."""
     return float((np.abs(x / scale) > 127.5).mean())
@@ -117,7 +140,7 @@ def layer_passes(modules: list[str], layers_per_pass: int) -> list[list[str]]:
 
 
 def _diff_pass(reference: _MarkedGraph, quantized: _MarkedGraph, modules: list[str], windows: np.ndarray,
-               float_weights: dict[str, np.ndarray], output_factors: dict[str, np.ndarray], acc: _Accumulated) -> None:
+               float_weights: Mapping[str, np.ndarray], output_factors: dict[str, np.ndarray], acc: _Accumulated) -> None:
     ref_probes, q_probes = reference.probes.subset(modules), quantized.probes.subset(modules)
     for m in q_probes.gemm_outputs:  # execution order
         acc.local[m], acc.accumulated[m], acc.clipped[m] = TensorError(), TensorError(), []
@@ -141,7 +164,7 @@ def _diff_pass(reference: _MarkedGraph, quantized: _MarkedGraph, modules: list[s
         del ref, got  # the next window's probes need the room
 
 
-def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_weights: dict[str, np.ndarray],
+def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_weights: Mapping[str, np.ndarray],
                    output_factors: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
     """float_weights: each quantized module's smoothed float weight in MatMul layout [in, out];
     output_factors: the smoothing factor dividing a producer module's output rows (absent for the others).

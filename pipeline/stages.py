@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     import onnx_ir as ir
 
     from exporters.qdq import LinearQuantization
+    from pipeline.layerwise import SavedWeights
 
 log = logging.getLogger(__name__)
 
@@ -433,16 +434,28 @@ def generation_check(run: Run, model, tokenizer) -> dict:
                         for text, r, q in zip(verify.GENERATION_PROMPTS, reference, quantized)]}
 
 
-def layerwise_inputs(run: Run, model, plan: QuantPlan) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+@torch.no_grad()
+def dequantize_in_place(model, weights: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """Overwrite each quantized linear's float weight with its dequantized integer weight, in its own storage, and
+    return those weights by module: the simulation then never holds the linears twice (425 MB for SmolLM2)."""
+    for name, q in weights.items():
+        model.get_submodule(name).weight.copy_(q.dequantize())
+    return {name: model.get_submodule(name).weight for name in weights}
+
+
+def layerwise_inputs(run: Run, model, plan: QuantPlan, folder: Path) -> tuple[SavedWeights, dict[str, np.ndarray]]:
     """What the layer-wise diff needs besides the graphs (`model`: the smoothed float model): each quantized
-    linear's float weight in MatMul layout (a transposed view: no copy, and the rest of the model can be freed),
-    and the smoothing factor on the output rows of those that produce another linear's input."""
-    float_weights = {m.name: model.get_submodule(m.name).weight.detach().numpy().T for m in plan.quantized()}
+    linear's float weight in MatMul layout, saved in `folder` and read back one at a time (the whole model can then
+    be freed), and the smoothing factor on the output rows of those that produce another linear's input."""
+    from pipeline.layerwise import SavedWeights
+
+    float_weights = SavedWeights(folder, {m.name: model.get_submodule(m.name).weight.detach().numpy().T
+                                          for m in plan.quantized()})
     factors = {k: v.numpy() for k, v in load_file(str(run.path(FACTORS))).items() if k in float_weights}
     return float_weights, factors
 
 
-def layerwise_check(run: Run, float_weights: dict[str, np.ndarray], factors: dict[str, np.ndarray],
+def layerwise_check(run: Run, float_weights: SavedWeights, factors: dict[str, np.ndarray],
                     windows: np.ndarray) -> dict:
     """Layer-wise diff of the reference and Q/DQ graphs (inputs: layerwise_inputs), saved in OUT with its channel
     statistics."""
@@ -477,15 +490,18 @@ def verify_stage(run: Run) -> dict:
                                      run.path(QUANTIZED_FP16), evaluation[:FP16_GRAPH_WINDOWS])
     release_memory()
     model, _ = smoothed_model(run)
-    dequantized = {name: q.dequantize() for name, q in load_quantized(run.path(WEIGHTS)).items()}
-    with fake_quantized(model, plan, dequantized):
-        quantized_vs_sim = verify.compare_with_torch(run.path(QUANTIZED), model, evaluation[:FAITHFULNESS_WINDOWS],
-                                                     "Q/DQ ONNX vs PyTorch fake-quant")
-        quantized_vs_sim["noise_floor"] = verify.attention_path_noise_floor(model, evaluation[:FAITHFULNESS_WINDOWS])
-    layerwise = layerwise_inputs(run, model, plan)
-    del model, dequantized  # the diff's two graph sessions need the room; it keeps only the linears' weights
-    release_memory()
-    layerwise_check(run, *layerwise, evaluation[:LAYERWISE_WINDOWS])
+    with scratch_folder(run.path(LAYERWISE).with_suffix(".weights")) as folder:
+        layerwise = layerwise_inputs(run, model, plan, folder)  # the float weights, before they are replaced
+        dequantized = dequantize_in_place(model, load_quantized(run.path(WEIGHTS)))
+        with fake_quantized(model, plan, dequantized):
+            quantized_vs_sim = verify.compare_with_torch(run.path(QUANTIZED), model,
+                                                         evaluation[:FAITHFULNESS_WINDOWS],
+                                                         "Q/DQ ONNX vs PyTorch fake-quant")
+            quantized_vs_sim["noise_floor"] = verify.attention_path_noise_floor(model,
+                                                                                evaluation[:FAITHFULNESS_WINDOWS])
+        del model, dequantized  # the diff's two graph sessions need the room
+        release_memory()
+        layerwise_check(run, *layerwise, evaluation[:LAYERWISE_WINDOWS])
     manifest = read_json(run.path("manifest.json"))
     if manifest["stages"].get("build", {}).get("status") == "done":  # same code path as ONNX Runtime's, via Polygraphy
         for measured, engine, graph in (("tensorrt_plan_vs_onnxruntime", ENGINE, QUANTIZED_FP16),

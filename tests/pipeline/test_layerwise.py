@@ -12,7 +12,7 @@ from calibration.quant import QuantPlan
 from pipeline import stages
 from pipeline.artifacts import read_json
 from pipeline.cli import config_from, parser, run
-from pipeline.layerwise import layerwise_diff
+from pipeline.layerwise import SavedWeights, layerwise_diff
 from tests.pipeline.test_cli import SMALL, assert_one_line_error, engine
 
 LAYER_1_O_PROJ = "model.layers.1.self_attn.o_proj"
@@ -27,7 +27,7 @@ def finished(tmp_path_factory, tiny_model_dir, corpus):
 
 
 @pytest.fixture(scope="module")
-def diff_inputs(finished, tiny_model_dir, corpus):
+def diff_inputs(finished, tiny_model_dir, corpus, tmp_path_factory):
     """Everything layerwise_diff needs besides the graphs, as the verify stage builds it."""
     args = parser().parse_args(["verify", "--model", str(tiny_model_dir), "--out", str(finished),
                                 "--calib", str(corpus), *SMALL])
@@ -35,7 +35,7 @@ def diff_inputs(finished, tiny_model_dir, corpus):
     model, _ = stages.smoothed_model(current)
     plan = QuantPlan.from_json(read_json(finished / stages.PLAN))
     windows = np.load(finished / stages.WINDOWS)["evaluation"]
-    return windows, *stages.layerwise_inputs(current, model, plan)
+    return windows, *stages.layerwise_inputs(current, model, plan, tmp_path_factory.mktemp("weights"))
 
 
 def corrupted_copy(out, tmp_path, initializer: str, change) -> "Path":
@@ -167,3 +167,13 @@ def test_the_diff_in_passes_of_one_layer_equals_the_diff_in_one_pass(finished, d
     assert set(passes_channels) == set(whole_channels)
     for key, value in whole_channels.items():
         np.testing.assert_array_equal(passes_channels[key], value)
+
+
+def test_saved_weights_read_back_what_was_written_in_order(tmp_path):
+    weights = {"b.proj": np.arange(12, dtype=np.float32).reshape(3, 4).T, "a.proj": np.ones((2, 5), np.float32)}
+    saved = SavedWeights(tmp_path, weights)
+    assert list(saved) == ["b.proj", "a.proj"] and len(saved) == 2 and "a.proj" in saved and "c" not in saved
+    for name, weight in weights.items():
+        np.testing.assert_array_equal(saved[name], weight)
+    with pytest.raises(KeyError):
+        saved["c"]
