@@ -140,7 +140,8 @@ def layer_passes(modules: list[str], layers_per_pass: int) -> list[list[str]]:
 
 
 def _diff_pass(reference: _MarkedGraph, quantized: _MarkedGraph, modules: list[str], windows: np.ndarray,
-               float_weights: Mapping[str, np.ndarray], output_factors: dict[str, np.ndarray], acc: _Accumulated) -> None:
+               float_weights: Mapping[str, np.ndarray], output_factors: dict[str, np.ndarray],
+               acc: _Accumulated) -> None:
     ref_probes, q_probes = reference.probes.subset(modules), quantized.probes.subset(modules)
     for m in q_probes.gemm_outputs:  # execution order
         acc.local[m], acc.accumulated[m], acc.clipped[m] = TensorError(), TensorError(), []

@@ -4,7 +4,7 @@ The model's own sizes come from its config (parameters counted on the meta devic
 the weights a stage holds at its peak was measured on SmolLM2-135M (each stage its own process, docs/RESULTS.md
 "Export without weight copies, a smaller --low-memory, and the bench at 6e1be48"): the model (calibrate,
 quantize), the model beside the exporter's shape-inference copy (export), ONNX Runtime sessions beside the
-linears' weights (verify). --low-memory holds one decoder layer (two with GPTQ's float twin) and the hidden states of the
+model (verify). --low-memory holds one decoder layer (two with GPTQ's float twin) and the hidden states of the
 calibration windows instead.
 An estimate, not a bound: the bench prints it next to the measured peak RSS.
 """
@@ -21,13 +21,13 @@ from pipeline.config import RunConfig
 GB = 1e9
 RUNTIME_BYTES = 0.45e9  # Python, torch, transformers, onnx (importing the pipeline: 0.35 GB), the tokenized text
 # Copies of the FP32 weights each in-memory stage holds at its peak, beyond the runtime and the activations
-# (SmolLM2, 0.54 GB of weights, each stage its own process, `make bench` at 6e1be48: 2.10, 2.22, 1.70 and
-# 3.06 GB peak RSS). Calibrate and quantize hold one model, but under glibc's default allocator their freed
-# activation buffers can stay in a fragmented heap (other runs of the same code peaked at 1.18 and 1.26 GB):
-# the estimate takes the upper end, since it exists to warn before memory runs out. Export: the traced model and
-# the copy the exporter's shape inference makes of its parameters; verify: ONNX Runtime sessions beside the
-# linears' weights.
-WEIGHT_COPIES = {"calibrate": 2.8, "quantize": 2.8, "export": 2.1, "verify": 4.6}
+# (SmolLM2, 0.54 GB of weights, each stage its own process; `make bench` at 6e1be48 and 7528780: calibrate 2.10
+# and 1.18 GB, quantize 2.22 and 1.20 GB, export 1.70 and 1.92 GB, verify 2.51 GB at 7528780). Calibrate and
+# quantize hold one model, but under glibc's default allocator their freed activation buffers can stay in a
+# fragmented heap: the estimate takes the upper end of each spread, since it exists to warn before memory runs
+# out. Export: the traced model and the copy the exporter's shape inference makes of its parameters; verify: ONNX
+# Runtime sessions beside the model.
+WEIGHT_COPIES = {"calibrate": 2.8, "quantize": 2.8, "export": 2.5, "verify": 3.6}
 STREAMED_STAGES = ("calibrate", "quantize")  # the stages --low-memory runs layer by layer
 
 
