@@ -31,3 +31,4 @@ def test_low_memory_plan_and_integer_weights_equal_the_in_memory_ones(tmp_path, 
         assert torch.equal(streamed_weights[name].scales, q.scales), name
     manifest = json.loads((tmp_path / "streamed" / "manifest.json").read_text())
     assert manifest["config"]["low_memory"] is True
+    assert not list((tmp_path / "streamed").glob(".*"))  # the layers' spilled weights are gone with the stage
