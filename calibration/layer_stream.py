@@ -6,15 +6,19 @@ are the layer's output hidden states. The window keeps the layer's real index, s
 (model.layers.<i>.mlp.down_proj) are the full model's, and every calibration function that takes a model
 (statistics hooks, smoothing, range estimators, GPTQ) runs on it unchanged, fed hidden states instead of tokens.
 
-Peak memory is one layer's weights, its activations for one batch, and the hidden states of the windows
-(windows x seq_len x hidden x 4 bytes, updated in place layer after layer); of the embedding only the rows of the
-tokens present are read.
+Peak memory is one layer's weights and its activations for one batch. The hidden states of the windows wait in a
+file (HiddenStates: windows x seq_len x hidden x 4 bytes, 75 MB for SmolLM2's 64 x 512 calibration windows,
+updated in place layer after layer) and are read a batch at a time; of the embedding only the rows of the tokens
+present are read.
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -66,13 +70,67 @@ def window_model(reader: WeightReader, spec: ArchitectureSpec, index: int) -> to
     return model.eval()
 
 
+@dataclass(frozen=True)
+class HiddenStates:
+    """[windows, seq_len, hidden] float32 hidden states in a file, read and written a slice of windows at a time:
+    the slices a caller takes are the only ones in memory. A file, not a memory map: a map's pages, once touched,
+    count in the process's resident memory until it is unmapped, and a layer pass touches all of them."""
+
+    path: Path
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def zeros(cls, path: Path, shape: tuple[int, int, int]) -> "HiddenStates":
+        with open(path, "wb") as f:
+            f.truncate(4 * shape[0] * shape[1] * shape[2])
+        return cls(path, shape)
+
+    @property
+    def window_items(self) -> int:
+        return self.shape[1] * self.shape[2]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _span(self, key: slice) -> tuple[int, int]:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise IndexError(f"HiddenStates are read and written in contiguous slices of windows, not [{key}]")
+        start, stop, _ = key.indices(len(self))
+        return start, max(stop, start)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop = self._span(key)
+        count = (stop - start) * self.window_items
+        values = np.fromfile(self.path, np.float32, count, offset=4 * start * self.window_items)
+        return values.reshape(stop - start, *self.shape[1:])
+
+    def __setitem__(self, key: slice, values: np.ndarray) -> None:
+        start, stop = self._span(key)
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if values.shape != (stop - start, *self.shape[1:]):
+            raise ValueError(f"hidden states of shape {values.shape} written to windows {start}:{stop} of {self.shape}")
+        with open(self.path, "r+b") as f:
+            f.seek(4 * start * self.window_items)
+            values.tofile(f)
+
+    def copy(self, path: Path) -> "HiddenStates":
+        shutil.copyfile(self.path, path)
+        return HiddenStates(path, self.shape)
+
+
 @torch.no_grad()
-def embed(reader: WeightReader, spec: ArchitectureSpec, windows: np.ndarray) -> np.ndarray:
-    """[windows, seq_len, hidden] float32 input hidden states of the first layer. Only the embedding rows of the
-    tokens present are read: the whole table can be as large as a layer (or several, with a big vocabulary)."""
+def embed(reader: WeightReader, spec: ArchitectureSpec, windows: np.ndarray, path: Path,
+          batch_size: int) -> HiddenStates:
+    """The input hidden states of the first layer, in the file `path`. Only the embedding rows of the tokens present
+    are read: the whole table can be as large as a layer (or several, with a big vocabulary)."""
     tokens, positions = np.unique(windows, return_inverse=True)
+    positions = torch.from_numpy(positions.reshape(windows.shape))
     rows = reader.rows(f"{spec.embedding}.weight", tokens)
-    return torch.nn.functional.embedding(torch.from_numpy(positions.reshape(windows.shape)), rows).numpy()
+    hidden = HiddenStates.zeros(path, (*windows.shape, rows.shape[1]))
+    for start in range(0, len(windows), batch_size):
+        hidden[start : start + batch_size] = torch.nn.functional.embedding(positions[start : start + batch_size],
+                                                                           rows).numpy()
+    return hidden
 
 
 def layer_windows(reader: WeightReader, spec: ArchitectureSpec, desc: str) -> Iterator[torch.nn.Module]:
@@ -82,18 +140,18 @@ def layer_windows(reader: WeightReader, spec: ArchitectureSpec, desc: str) -> It
 
 
 @torch.no_grad()
-def advance(model: torch.nn.Module, hidden: np.ndarray, batch_size: int) -> None:
+def advance(model: torch.nn.Module, hidden: HiddenStates, batch_size: int) -> None:
     """Replace the hidden states by the window's outputs, batch by batch, in place."""
     for start in range(0, len(hidden), batch_size):
         hidden[start : start + batch_size] = run_windows(model, hidden[start : start + batch_size]).logits.numpy()
 
 
-def streamed_input_absmax(reader: WeightReader, spec: ArchitectureSpec, windows: np.ndarray,
-                          batch_size: int) -> dict[str, torch.Tensor]:
+def streamed_input_absmax(reader: WeightReader, spec: ArchitectureSpec, windows: np.ndarray, batch_size: int,
+                          scratch: Path) -> dict[str, torch.Tensor]:
     """collect_input_absmax of the whole model, computed one layer at a time: the same batches through the same
-    layers, so the same statistics."""
+    layers, so the same statistics. `scratch`: a folder for the hidden states."""
     observer = AbsmaxObserver()
-    hidden = embed(reader, spec, windows)
+    hidden = embed(reader, spec, windows, scratch / "hidden.f32", batch_size)
     for model in layer_windows(reader, spec, "calibrating layer by layer"):
         with observing(quantizable_linears(model, spec), observer):
             advance(model, hidden, batch_size)

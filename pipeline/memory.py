@@ -4,8 +4,8 @@ The model's own sizes come from its config (parameters counted on the meta devic
 the weights a stage holds at its peak was measured on SmolLM2-135M (each stage its own process, docs/RESULTS.md
 "Export without weight copies, a smaller --low-memory, and the bench at 6e1be48"): the model (calibrate,
 quantize), the model beside the exporter's shape-inference copy (export), ONNX Runtime sessions beside the
-model (verify). --low-memory holds one decoder layer (two with GPTQ's float twin) and the hidden states of the
-calibration windows instead.
+model (verify). --low-memory holds one decoder layer (two with GPTQ's float twin) and a batch of the calibration
+windows' hidden states instead (the others wait on disk).
 An estimate, not a bound: the bench prints it next to the measured peak RSS.
 """
 
@@ -81,10 +81,13 @@ def estimate_peaks(shape: ModelShape, config: RunConfig) -> dict[str, float]:
     peaks = {stage: RUNTIME_BYTES + copies * shape.fp32_bytes + active[stage] for stage, copies in WEIGHT_COPIES.items()}
     if config.low_memory:
         gptq = quant.recipe.weight_method == "gptq"
-        # GPTQ carries its quantized layers' hidden states beside the float ones, and holds both as batch lists.
-        hidden = 4 * cal.windows * cal.seq_len * shape.hidden * (4 if gptq else 1)
+        # The hidden states wait on disk; in memory: one batch of them, the search's windows, and with GPTQ its
+        # layer's inputs, quantized and float, as batch lists.
+        held = {"calibrate": cal.batch_size,
+                "quantize": 2 * cal.windows if gptq else max(cal.batch_size, quant.search_windows)}
         layer = 4 * shape.layer_parameters * (2 if gptq else 1)
-        peaks.update({stage: RUNTIME_BYTES + layer + hidden + active[stage] for stage in STREAMED_STAGES})
+        peaks.update({stage: RUNTIME_BYTES + layer + 4 * held[stage] * cal.seq_len * shape.hidden + active[stage]
+                      for stage in STREAMED_STAGES})
     return peaks
 
 

@@ -165,7 +165,8 @@ def calibrate(run: Run) -> None:
     for warning in data_check.warnings:
         log.warning("calibration data: %s", warning)
     if model is None:
-        absmax = streamed_input_absmax(run.weight_reader(), spec, windows.calibration, cfg.batch_size)
+        with scratch_folder(run.path(STATS).with_suffix(".hidden")) as scratch:
+            absmax = streamed_input_absmax(run.weight_reader(), spec, windows.calibration, cfg.batch_size, scratch)
     else:
         absmax = collect_input_absmax(model, quantizable_linears(model, spec), windows.calibration, cfg.batch_size)
     details = {"calibration_origin": windows.calibration_origin, "evaluation_origin": windows.evaluation_origin,
@@ -192,10 +193,10 @@ def quantize(run: Run) -> QuantPlan:
     if run.config.low_memory:  # RunConfig refuses --accuracy-budget with it
         reader, spec = run.weight_reader(), models.architecture(run.source)
         check_patterns(spec.linear_names(reader.config.num_hidden_layers), cfg.include, cfg.skip)
-        with scratch_folder(run.path(WEIGHTS).with_suffix(".layers")) as spill:
+        with scratch_folder(run.path(WEIGHTS).with_suffix(".layers")) as scratch:
             factors, plan, choice, weights = streamed_quantize(reader, spec, cfg, load_stats(run.path(STATS)),
                                                                windows["calibration"],
-                                                               run.config.calibration.batch_size, spill)
+                                                               run.config.calibration.batch_size, scratch)
     else:
         factors, plan, choice, weights = _quantize_in_memory(run, windows)
     with atomic_path(run.path(FACTORS)) as tmp:

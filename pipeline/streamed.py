@@ -3,8 +3,9 @@
 Each layer window goes through what the in-memory stage does to the whole model: alpha choice and smoothing on
 the float hidden states, ranges, integer weights; then the hidden states advance through it. GPTQ also carries
 the hidden states of the already-quantized layers (its inputs), beside the float model's (its target).
-Each layer's integer weights wait on disk until the last layer is done: kept in memory they would grow by the
-whole model's codes (107 MB of INT8 for SmolLM2) while the hidden states are still held.
+The hidden states wait on disk between layers (layer_stream.HiddenStates), and so do each layer's integer weights
+until the last layer is done: kept in memory they would grow by the whole model's codes (107 MB of INT8 for
+SmolLM2) while the layers still run.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from pipeline.weights import FLOAT_MODULES, integer_weights
 
 
 def streamed_quantize(reader: WeightReader, spec: ArchitectureSpec, cfg: QuantConfig, absmax: dict[str, torch.Tensor],
-                      calibration: np.ndarray, batch: int, spill: Path
+                      calibration: np.ndarray, batch: int, scratch: Path
                       ) -> tuple[dict[str, torch.Tensor], QuantPlan, dict, dict[str, QuantizedWeight]]:
     """(smoothing factors, plan, alpha choice, integer weights), as the in-memory quantize stage makes them.
-    `spill`: an empty folder for the layers' integer weights until the end."""
+    `scratch`: an empty folder for the hidden states, and for the layers' integer weights until the end."""
     gptq = cfg.recipe.weight_method == "gptq"
-    hidden = embed(reader, spec, calibration)  # the float model's (smoothing keeps it float-exact)
-    quantized_hidden = hidden.copy() if gptq else hidden
+    # The float model's hidden states (smoothing keeps it float-exact); GPTQ's inputs are the quantized layers'.
+    hidden = embed(reader, spec, calibration, scratch / "hidden.f32", batch)
+    quantized_hidden = hidden.copy(scratch / "quantized_hidden.f32") if gptq else hidden
     factors, spilled, plans, choices = {}, [], [], []
     for model in layer_windows(reader, spec, "quantizing layer by layer"):
         plan = None
@@ -45,7 +47,7 @@ def streamed_quantize(reader: WeightReader, spec: ArchitectureSpec, cfg: QuantCo
         float_layer = copy.deepcopy(model) if gptq else model  # GPTQ replaces the window's weights in place
         layer_weights, plan = integer_weights(model, spec, plan, cfg, quantized_hidden, batch, None,
                                               hidden if gptq else None)
-        spilled.append(spill / f"{len(spilled)}.safetensors")
+        spilled.append(scratch / f"{len(spilled)}.safetensors")
         save_quantized(layer_weights, spilled[-1])
         plans.append(plan)
         if gptq:
