@@ -497,9 +497,7 @@ def verify_stage(run: Run) -> dict:
         with fake_quantized(model, plan, dequantized):
             quantized_vs_sim = verify.compare_with_torch(run.path(QUANTIZED), model,
                                                          evaluation[:FAITHFULNESS_WINDOWS],
-                                                         "Q/DQ ONNX vs PyTorch fake-quant")
-            quantized_vs_sim["noise_floor"] = verify.attention_path_noise_floor(model,
-                                                                                evaluation[:FAITHFULNESS_WINDOWS])
+                                                         "Q/DQ ONNX vs PyTorch fake-quant", noise_floor=True)
         del model, dequantized  # the diff's two graph sessions need the room
         release_memory()
         layerwise_check(run, *layerwise, evaluation[:LAYERWISE_WINDOWS])

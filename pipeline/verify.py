@@ -51,31 +51,28 @@ def torch_logits(model: torch.nn.Module, window: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.from_numpy(window[None, :]), use_cache=False).logits.numpy()
 
 
-def compare_with_torch(path: Path, model: torch.nn.Module, windows: np.ndarray, label: str) -> dict:
-    """ONNX Runtime on the graph vs the PyTorch module it was exported from (or simulates)."""
-    stats = PairStats()
-    with onnx_runner(path) as runner:
-        feed = window_feeder(runner)
-        for window in tqdm(windows, desc=f"checking {label}", unit="window"):
-            stats.add(torch_logits(model, window), runner.infer(feed(window))["logits"])
-    return stats.summary()
+def compare_with_torch(path: Path, model: torch.nn.Module, windows: np.ndarray, label: str,
+                       noise_floor: bool = False) -> dict:
+    """ONNX Runtime on the graph vs the PyTorch module it was exported from (or simulates).
 
-
-def attention_path_noise_floor(model: torch.nn.Module, windows: np.ndarray) -> dict:
-    """The same PyTorch model with SDPA vs eager attention: float-equivalent, differing only in summation order.
-
-    A W8A8 model with per-tensor activation scales is discontinuous (a 1e-6 change can flip a rounding at a
-    Q node, and an outlier channel's smoothed weight turns that one-step flip into a large output change), so
-    two exact implementations of one recipe differ measurably. This is the yardstick for export faithfulness.
+    noise_floor: also the same PyTorch model with SDPA vs eager attention, float-equivalent and differing only in
+    summation order, under "noise_floor". A W8A8 model with per-tensor activation scales is discontinuous (a 1e-6
+    change can flip a rounding at a Q node, and an outlier channel's smoothed weight turns that one-step flip into a
+    large output change), so two exact implementations of one recipe differ measurably: this is the yardstick for
+    export faithfulness. Measured on the same windows, reusing each window's SDPA logits.
     """
     from exporters.onnx_export import eager_attention
 
-    stats = PairStats()
-    for window in tqdm(windows, desc="measuring the simulation's noise floor", unit="window"):
-        baseline = torch_logits(model, window)
-        with eager_attention(model):
-            stats.add(baseline, torch_logits(model, window))
-    return stats.summary()
+    stats, floor = PairStats(), PairStats()
+    with onnx_runner(path) as runner:
+        feed = window_feeder(runner)
+        for window in tqdm(windows, desc=f"checking {label}", unit="window"):
+            expected = torch_logits(model, window)
+            stats.add(expected, runner.infer(feed(window))["logits"])
+            if noise_floor:
+                with eager_attention(model):
+                    floor.add(expected, torch_logits(model, window))
+    return {**stats.summary(), **({"noise_floor": floor.summary()} if noise_floor else {})}
 
 
 def graph_logits(path: Path, windows: np.ndarray, label: str | None = None,
