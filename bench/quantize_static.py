@@ -14,6 +14,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 
 from exporters.decoder_io import DecoderShape
 from pipeline import verify
+from pipeline.artifacts import SavedArrays, scratch_folder
 
 QUANTIZED = "quantize_static.onnx"
 # ONNX Runtime 1.31 cannot create a session for quantize_static's MatMul-only output with its default optimizers:
@@ -56,8 +57,9 @@ def quantize_static_model(reference: Path, windows, folder: Path) -> dict:
                     op_types_to_quantize=["MatMul"],
                     extra_options={} if flush is None else {"CalibMaxIntermediateOutputs": flush})
     seconds = time.perf_counter() - start
-    accuracy = verify.compare_graphs(reference, output, windows["evaluation"], "reference vs quantize_static",
-                                     DISABLED_OPTIMIZERS)
+    with scratch_folder(folder / "logits") as scratch:
+        accuracy = verify.compare_graphs(reference, output, windows["evaluation"], "reference vs quantize_static",
+                                         SavedArrays(scratch), DISABLED_OPTIMIZERS)
     return {"path": str(output), "seconds_to_quantize": seconds, "calibration_windows": len(calibration),
             "disabled_optimizers": list(DISABLED_OPTIMIZERS),
             "accuracy": {"perplexity_reference_fp32_onnx": accuracy["perplexity_reference"],

@@ -8,8 +8,11 @@ import json
 import os
 import shutil
 import platform
+from collections.abc import Iterator, MutableMapping
 from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 from pipeline import PipelineError
 
@@ -50,6 +53,36 @@ def scratch_folder(near: Path):
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class SavedArrays(MutableMapping):
+    """numpy arrays kept in `folder` (a scratch_folder), one .npy file per key, each read back when asked for: what
+    a stage needs later but must not hold beside what it runs next (verify: the PyTorch logits while ONNX Runtime
+    runs the graphs, the float weights beside the layer-wise diff's two sessions). Keys iterate in insertion
+    order; a key is a file name."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.names = folder, []
+
+    def __setitem__(self, name: str, array: np.ndarray) -> None:
+        np.save(self.folder / f"{name}.npy", array)  # a transposed view is written as is, in Fortran order
+        if name not in self.names:
+            self.names.append(name)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        return np.load(self.folder / f"{name}.npy")
+
+    def __delitem__(self, name: str) -> None:
+        self.names.remove(name)
+        (self.folder / f"{name}.npy").unlink()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ error grows).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from exporters.decoder_io import DecoderShape
 from exporters.probes import Probes, find_probes, gemm_weight, layer_of, with_outputs
+from pipeline.artifacts import SavedArrays
 from pipeline.memory import release_memory
 from pipeline.metrics import snr_db
 
@@ -58,53 +59,45 @@ class TensorError:
 
 
 class _MarkedGraph:
-    """A temporary copy of a graph with the probes of all `modules` marked as outputs, in one ONNX Runtime session;
-    each pass fetches only its own probes, so only those come back. One copy and one session per graph: writing a
-    marked copy of SmolLM2's FP32 graph and loading it costs ~5 s."""
+    """A temporary copy of a graph (its weights written once), and for each pass of the diff a session of it with
+    only that pass's probes marked as outputs. A session computes and holds every output it was built with, fetched
+    or not (SmolLM2: ~0.7 GB per graph for all 30 layers' probes), so a session per pass holds a pass's worth;
+    each pass's graph file is the copy's graph alone, pointing into the copy's data file."""
 
     def __init__(self, path: Path, modules: list[str], folder: Path):
-        from pipeline.runtime import kv_dtype
-        from pipeline.verify import onnx_session
-
         model = ir.load(path)
         self.probes = find_probes(model, modules)
         # The input-channel absmax of each module's weight as the graph multiplies it (dequantized where quantized).
         self.weight_absmax = {m: np.abs(gemm_weight(model, m)).max(1) for m in modules}
-        with_outputs(model, self.probes.names())
         folder.mkdir()
-        ir.save(model, folder / path.name, external_data=path.name + ".data")
+        self.copy, self.marked = folder / path.name, folder / f"marked-{path.name}"
+        ir.save(model, self.copy, external_data=path.name + ".data")
         del model
-        release_memory()  # the IR graph holds reference cycles: free its weights before the session copies them
-        # No memory arena: probe outputs differ in size from pass to pass, and an arena keeps its peak for good.
-        self.session = onnx_session(folder / path.name, memory_arena=False)
+        release_memory()  # the IR graph holds reference cycles: free its weights before a session copies them
+        self.session = None
+
+    def mark(self, probes: Probes) -> None:
+        """Open the session of a pass fetching `probes` (close() it before the other graph's opens)."""
+        from pipeline.runtime import kv_dtype
+        from pipeline.verify import onnx_session
+
+        model = ir.load(self.copy)  # its tensors stay in the copy's data file
+        with_outputs(model, probes.names())
+        ir.save(model, self.marked)  # external tensors keep their place in that file: only the graph is written
+        del model
+        # With its memory arena: the session lives for one pass, and without it glibc's heap kept the freed
+        # activations of a SmolLM2 prefill (~0.5 GB more at the peak).
+        self.session = onnx_session(self.marked)
         self.shape = DecoderShape.from_session(self.session)
         self.kv_dtype = kv_dtype(self.session, self.shape)
+
+    def close(self) -> None:
+        self.session = None
+        release_memory()
 
     def fetch(self, window: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         feed = self.shape.prefill_feed(window[None, :], self.kv_dtype)
         return dict(zip(names, self.session.run(names, feed)))
-
-
-class SavedWeights(Mapping):
-    """Float weights written to `folder` one .npy file per module, each read back when asked for. The diff needs a
-    quantized linear's float weight for one product per window; holding all of them would keep the linears'
-    whole FP32 size (425 MB for SmolLM2) beside the two graph sessions, at verify's peak."""
-
-    def __init__(self, folder: Path, weights: Mapping[str, np.ndarray]):
-        self.folder, self.names = folder, list(weights)
-        for name, weight in weights.items():
-            np.save(folder / f"{name}.npy", weight)  # a transposed view is written as is, in Fortran order
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self.names:
-            raise KeyError(name)
-        return np.load(self.folder / f"{name}.npy")
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 def clipped_fraction(x: np.ndarray, scale: float) -> float:
@@ -116,9 +109,9 @@ def channel_absmax(x: np.ndarray) -> np.ndarray:
     return np.abs(x.reshape(-1, x.shape[-1])).max(0).astype(np.float32)
 
 
-# Decoder layers whose probes one ONNX Runtime pass fetches: every fetched probe of a window comes back at once
+# Decoder layers whose probes one ONNX Runtime pass marks and fetches: every probe of a window comes back at once
 # (SmolLM2: ~0.7 GB per graph for all 30 layers), so the diff runs in passes of a few layers.
-LAYERS_PER_PASS = 10
+LAYERS_PER_PASS = 15
 
 
 @dataclass
@@ -141,15 +134,26 @@ def layer_passes(modules: list[str], layers_per_pass: int) -> list[list[str]]:
 
 def _diff_pass(reference: _MarkedGraph, quantized: _MarkedGraph, modules: list[str], windows: np.ndarray,
                float_weights: Mapping[str, np.ndarray], output_factors: dict[str, np.ndarray],
-               acc: _Accumulated) -> None:
+               acc: _Accumulated, saved: MutableMapping) -> None:
+    """One session at a time: the reference's probes of every window wait in `saved` (SavedArrays, on disk) while
+    the Q/DQ graph runs; two sessions side by side would hold both graphs' weights and arenas at once."""
     ref_probes, q_probes = reference.probes.subset(modules), quantized.probes.subset(modules)
     for m in q_probes.gemm_outputs:  # execution order
         acc.local[m], acc.accumulated[m], acc.clipped[m] = TensorError(), TensorError(), []
         acc.channels[f"{m}/weight_before"] = reference.weight_absmax[m]
         acc.channels[f"{m}/weight_after"] = quantized.weight_absmax[m]
     acc.blocks.update({layer: TensorError() for layer in q_probes.block_outputs})
-    for window in tqdm(windows, desc=f"layer-wise diff ({len(modules)} GEMMs)", unit="window"):
-        ref, got = reference.fetch(window, ref_probes.names()), quantized.fetch(window, q_probes.names())
+    ref_names = ref_probes.names()
+    reference.mark(ref_probes)
+    label = f"layer-wise diff ({len(modules)} GEMMs)"
+    for i, window in enumerate(tqdm(windows, desc=f"{label}, reference", unit="window")):
+        for j, values in enumerate(reference.fetch(window, ref_names).values()):
+            saved[f"{i}-{j}"] = values
+    reference.close()
+    quantized.mark(q_probes)
+    for i, window in enumerate(tqdm(windows, desc=label, unit="window")):
+        ref = {name: saved[f"{i}-{j}"] for j, name in enumerate(ref_names)}
+        got = quantized.fetch(window, q_probes.names())
         for m in q_probes.gemm_outputs:
             y_q, x = got[q_probes.gemm_outputs[m]], got[q_probes.gemm_inputs[m]]
             factor = output_factors.get(m)
@@ -163,6 +167,7 @@ def _diff_pass(reference: _MarkedGraph, quantized: _MarkedGraph, modules: list[s
         for layer in q_probes.block_outputs:
             acc.blocks[layer].add(ref[ref_probes.block_outputs[layer]], got[q_probes.block_outputs[layer]])
         del ref, got  # the next window's probes need the room
+    quantized.close()
 
 
 def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_weights: Mapping[str, np.ndarray],
@@ -174,12 +179,14 @@ def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_
     weight in the reference graph ("before") and in the Q/DQ graph ("after": smoothed; weights dequantized),
     measured on the same windows, for the outlier analysis."""
     acc, modules = _Accumulated(), list(float_weights)
-    with tempfile.TemporaryDirectory() as tmp:
+    # Scratch beside the graphs: the marked copies and the saved probes are graph-sized, more than a RAM /tmp holds.
+    with tempfile.TemporaryDirectory(dir=quantized.parent, prefix=".layerwise-") as tmp:
         marked = [_MarkedGraph(path, modules, Path(tmp) / kind) for kind, path in
                   (("reference", reference), ("quantized", quantized))]
+        (Path(tmp) / "probes").mkdir()
+        saved = SavedArrays(Path(tmp) / "probes")
         for pass_modules in layer_passes(modules, LAYERS_PER_PASS):
-            _diff_pass(*marked, pass_modules, windows, float_weights, output_factors, acc)
-        del marked  # close both sessions before the folder holding their graphs goes
+            _diff_pass(*marked, pass_modules, windows, float_weights, output_factors, acc, saved)
     gemms = [{"module": m, "layer": layer_of(m), "local_snr_db": acc.local[m].snr_db(),
               "output_snr_db": acc.accumulated[m].snr_db(), "output_cosine": float(acc.accumulated[m].cosine()),
               "input_clipped_fraction": float(np.mean(acc.clipped[m])) if acc.clipped[m] else None}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,8 +32,8 @@ from exporters.gptq_checkpoint import quantization_config, write_checkpoint
 from pipeline import PipelineError, models, report, tuning
 from pipeline.accuracy_target import Target
 from pipeline.budget import fit_budget
-from pipeline.artifacts import (TOKENIZER, StageRecords, atomic_folder, atomic_path, prepare_out, read_json,
-                                scratch_folder, versions, write_json)
+from pipeline.artifacts import (TOKENIZER, SavedArrays, StageRecords, atomic_folder, atomic_path, prepare_out,
+                                read_json, scratch_folder, versions, write_json)
 from pipeline.config import RunConfig, digest
 from pipeline.memory import (STREAMED_STAGES, ModelShape, available_bytes, describe_peaks, estimate_peaks,
                             release_memory)
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     import onnx_ir as ir
 
     from exporters.qdq import LinearQuantization
-    from pipeline.layerwise import SavedWeights
 
 log = logging.getLogger(__name__)
 
@@ -416,22 +416,21 @@ def build(run: Run) -> None:
     run.update_manifest("build", "done", **manifest)
 
 
-def generation_check(run: Run, model, tokenizer) -> dict:
-    """Greedy tokens of PyTorch's generate() vs the reference graph's KV-cache loop (exactness of the export), and
-    the Q/DQ graph's tokens vs the reference's (what quantization changes in generated text)."""
+def generation_check(run: Run, side: TorchSide) -> dict:
+    """Greedy tokens of PyTorch's generate() (made before the model was freed) vs the reference graph's KV-cache
+    loop (exactness of the export), and the Q/DQ graph's tokens vs the reference's (what quantization changes in
+    generated text)."""
     from pipeline import verify
 
-    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in verify.GENERATION_PROMPTS]
     new = verify.GENERATED_TOKENS
-    torch_tokens = verify.torch_greedy(model, prompts, new)
-    stops = verify.stop_tokens(model)
-    reference = verify.onnx_greedy(run.path(REFERENCE), prompts, new, stops)
-    quantized = verify.onnx_greedy(run.path(QUANTIZED), prompts, new, stops)
+    reference = verify.onnx_greedy(run.path(REFERENCE), side.prompts, new, side.stops)
+    quantized = verify.onnx_greedy(run.path(QUANTIZED), side.prompts, new, side.stops)
+    decode = side.tokenizer.decode
     return {"new_tokens": new, "prompts": list(verify.GENERATION_PROMPTS),
-            "reference_onnx_vs_pytorch_generate": verify.generation_agreement(torch_tokens, reference),
+            "reference_onnx_vs_pytorch_generate": verify.generation_agreement(side.greedy_tokens, reference),
             "quantized_vs_reference_onnx": verify.generation_agreement(reference, quantized),
-            "samples": [{"prompt": text, "reference": tokenizer.decode(r, skip_special_tokens=True),
-                         "quantized": tokenizer.decode(q, skip_special_tokens=True)}
+            "samples": [{"prompt": text, "reference": decode(r, skip_special_tokens=True),
+                         "quantized": decode(q, skip_special_tokens=True)}
                         for text, r, q in zip(verify.GENERATION_PROMPTS, reference, quantized)]}
 
 
@@ -444,19 +443,18 @@ def dequantize_in_place(model, weights: dict[str, QuantizedWeight]) -> dict[str,
     return {name: model.get_submodule(name).weight for name in weights}
 
 
-def layerwise_inputs(run: Run, model, plan: QuantPlan, folder: Path) -> tuple[SavedWeights, dict[str, np.ndarray]]:
+def layerwise_inputs(run: Run, model, plan: QuantPlan, folder: Path) -> tuple[SavedArrays, dict[str, np.ndarray]]:
     """What the layer-wise diff needs besides the graphs (`model`: the smoothed float model): each quantized
     linear's float weight in MatMul layout, saved in `folder` and read back one at a time (the whole model can then
     be freed), and the smoothing factor on the output rows of those that produce another linear's input."""
-    from pipeline.layerwise import SavedWeights
-
-    float_weights = SavedWeights(folder, {m.name: model.get_submodule(m.name).weight.detach().numpy().T
-                                          for m in plan.quantized()})
+    float_weights = SavedArrays(folder)
+    for m in plan.quantized():
+        float_weights[m.name] = model.get_submodule(m.name).weight.detach().numpy().T
     factors = {k: v.numpy() for k, v in load_file(str(run.path(FACTORS))).items() if k in float_weights}
     return float_weights, factors
 
 
-def layerwise_check(run: Run, float_weights: SavedWeights, factors: dict[str, np.ndarray],
+def layerwise_check(run: Run, float_weights: SavedArrays, factors: dict[str, np.ndarray],
                     windows: np.ndarray) -> dict:
     """Layer-wise diff of the reference and Q/DQ graphs (inputs: layerwise_inputs), saved in OUT with its channel
     statistics."""
@@ -470,6 +468,47 @@ def layerwise_check(run: Run, float_weights: SavedWeights, factors: dict[str, np
     return result
 
 
+@dataclass
+class TorchSide:
+    """What verify computes with the PyTorch models, saved before any ONNX Runtime session opens, so that a model
+    and a graph's session never share memory: the logits of the faithfulness windows (float<i>, and simulated<i>
+    from the fake-quant model), the layer-wise diff's inputs, the simulation's noise floor, generate()'s tokens."""
+
+    logits: SavedArrays
+    layerwise: tuple[SavedArrays, dict[str, np.ndarray]]
+    noise_floor: dict
+    tokenizer: object
+    prompts: list[list[int]]
+    greedy_tokens: list[list[int]]
+    stops: tuple[int, ...]
+
+    def saved(self, prefix: str):
+        """The logits saved as prefix<i>, window by window, each read when reached."""
+        return (self.logits[name] for name in self.logits if name.removeprefix(prefix).isdigit())
+
+
+def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path) -> TorchSide:
+    """The float model, then the smoothed one as the fake-quant simulation, one at a time; arrays kept in `folder`."""
+    from pipeline import verify
+
+    (folder / "logits").mkdir()
+    (folder / "weights").mkdir()
+    logits = SavedArrays(folder / "logits")
+    model, tokenizer, _ = run.model()
+    verify.save_torch_logits(model, windows, logits, "float", "PyTorch FP32 logits")
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in verify.GENERATION_PROMPTS]
+    greedy_tokens = verify.torch_greedy(model, prompts, verify.GENERATED_TOKENS)
+    stops = verify.stop_tokens(model)
+    del model
+    release_memory()
+    model, _ = smoothed_model(run)
+    layerwise = layerwise_inputs(run, model, plan, folder / "weights")  # the float weights, before they are replaced
+    dequantized = dequantize_in_place(model, load_quantized(run.path(WEIGHTS)))
+    with fake_quantized(model, plan, dequantized):
+        noise_floor = verify.save_simulation_logits(model, windows, logits, "simulated")
+    return TorchSide(logits, layerwise, noise_floor, tokenizer, prompts, greedy_tokens, stops)
+
+
 def verify_stage(run: Run) -> dict:
     from pipeline import report_files, verify
 
@@ -479,28 +518,24 @@ def verify_stage(run: Run) -> dict:
         return read_json(run.path(VERIFICATION))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
     evaluation = np.load(run.path(WINDOWS))["evaluation"]
+    faithfulness = evaluation[:FAITHFULNESS_WINDOWS]
     _whole_model_notice(run, "verify")
-    model, tokenizer, _ = run.model()
-    reference_vs_torch = verify.compare_with_torch(run.path(REFERENCE), model, evaluation[:FAITHFULNESS_WINDOWS],
-                                                   "reference ONNX vs PyTorch")
-    generation = generation_check(run, model, tokenizer)
-    del model
-    accuracy = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED), evaluation, "reference vs Q/DQ ONNX")
-    release_memory()  # each check's ONNX Runtime sessions are gone: do not stack the next one's peak on them
-    floors = verify.precision_floors(run.path(REFERENCE), run.path(REFERENCE_FP16), run.path(QUANTIZED),
-                                     run.path(QUANTIZED_FP16), evaluation[:FP16_GRAPH_WINDOWS])
-    release_memory()
-    model, _ = smoothed_model(run)
-    with scratch_folder(run.path(LAYERWISE).with_suffix(".weights")) as folder:
-        layerwise = layerwise_inputs(run, model, plan, folder)  # the float weights, before they are replaced
-        dequantized = dequantize_in_place(model, load_quantized(run.path(WEIGHTS)))
-        with fake_quantized(model, plan, dequantized):
-            quantized_vs_sim = verify.compare_with_torch(run.path(QUANTIZED), model,
-                                                         evaluation[:FAITHFULNESS_WINDOWS],
-                                                         "Q/DQ ONNX vs PyTorch fake-quant", noise_floor=True)
-        del model, dequantized  # the diff's two graph sessions need the room
-        release_memory()
-        layerwise_check(run, *layerwise, evaluation[:LAYERWISE_WINDOWS])
+    with scratch_folder(run.path(VERIFICATION).with_suffix(".arrays")) as folder:
+        side = pytorch_side(run, plan, faithfulness, folder)
+        release_memory()  # the models are gone before the first session opens
+        reference_vs_torch = verify.compare_with_torch(run.path(REFERENCE), faithfulness, side.saved("float"),
+                                                       "reference ONNX vs PyTorch")
+        quantized_vs_sim = {**verify.compare_with_torch(run.path(QUANTIZED), faithfulness, side.saved("simulated"),
+                                                        "Q/DQ ONNX vs PyTorch fake-quant"), "noise_floor": side.noise_floor}
+        generation = generation_check(run, side)
+        (folder / "accuracy").mkdir()
+        accuracy = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED), evaluation,
+                                         "reference vs Q/DQ ONNX", SavedArrays(folder / "accuracy"))
+        (folder / "floors").mkdir()
+        floors = verify.precision_floors(run.path(REFERENCE), run.path(REFERENCE_FP16), run.path(QUANTIZED),
+                                         run.path(QUANTIZED_FP16), evaluation[:FP16_GRAPH_WINDOWS],
+                                         SavedArrays(folder / "floors"))
+        layerwise_check(run, *side.layerwise, evaluation[:LAYERWISE_WINDOWS])
     manifest = read_json(run.path("manifest.json"))
     if manifest["stages"].get("build", {}).get("status") == "done":  # same code path as ONNX Runtime's, via Polygraphy
         for measured, engine, graph in (("tensorrt_plan_vs_onnxruntime", ENGINE, QUANTIZED_FP16),

@@ -4,6 +4,7 @@ compared with each other (accuracy) and with PyTorch (export faithfulness)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, MutableMapping
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from polygraphy.datatype import DataType
 from tqdm import tqdm
 
 from exporters.decoder_io import DecoderShape
+from pipeline.memory import release_memory
 from pipeline.metrics import PairStats, Perplexity
 
 log = logging.getLogger(__name__)
@@ -51,37 +53,54 @@ def torch_logits(model: torch.nn.Module, window: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.from_numpy(window[None, :]), use_cache=False).logits.numpy()
 
 
-def compare_with_torch(path: Path, model: torch.nn.Module, windows: np.ndarray, label: str,
-                       noise_floor: bool = False) -> dict:
-    """ONNX Runtime on the graph vs the PyTorch module it was exported from (or simulates).
+def save_torch_logits(model: torch.nn.Module, windows: np.ndarray, saved: MutableMapping, prefix: str,
+                      label: str) -> None:
+    """The module's logits of each window, saved as `prefix<i>`: compared with a graph's once the model is freed."""
+    for i, window in enumerate(tqdm(windows, desc=label, unit="window")):
+        saved[f"{prefix}{i}"] = torch_logits(model, window)
 
-    noise_floor: also the same PyTorch model with SDPA vs eager attention, float-equivalent and differing only in
-    summation order, under "noise_floor". A W8A8 model with per-tensor activation scales is discontinuous (a 1e-6
-    change can flip a rounding at a Q node, and an outlier channel's smoothed weight turns that one-step flip into a
-    large output change), so two exact implementations of one recipe differ measurably: this is the yardstick for
-    export faithfulness. Measured on the same windows, reusing each window's SDPA logits.
+
+def save_simulation_logits(model: torch.nn.Module, windows: np.ndarray, saved: MutableMapping, prefix: str) -> dict:
+    """save_torch_logits of the fake-quant model (SDPA attention), and the noise floor of that simulation: the
+    same model with eager attention against them, float-equivalent and differing only in summation order.
+
+    A W8A8 model with per-tensor activation scales is discontinuous (a 1e-6 change can flip a rounding at a
+    Q node, and an outlier channel's smoothed weight turns that one-step flip into a large output change), so
+    two exact implementations of one recipe differ measurably. This is the yardstick for export faithfulness.
     """
     from exporters.onnx_export import eager_attention
 
-    stats, floor = PairStats(), PairStats()
+    floor = PairStats()
+    for i, window in enumerate(tqdm(windows, desc="PyTorch fake-quant logits and noise floor", unit="window")):
+        saved[f"{prefix}{i}"] = expected = torch_logits(model, window)
+        with eager_attention(model):
+            floor.add(expected, torch_logits(model, window))
+    return floor.summary()
+
+
+def compare_with_torch(path: Path, windows: np.ndarray, expected: Iterable[np.ndarray], label: str) -> dict:
+    """ONNX Runtime on the graph vs the logits of the PyTorch module it was exported from (or simulates) on the same
+    windows, computed before the session opens (save_torch_logits): the model and the session are never in memory
+    together."""
+    stats = PairStats()
     with onnx_runner(path) as runner:
         feed = window_feeder(runner)
-        for window in tqdm(windows, desc=f"checking {label}", unit="window"):
-            expected = torch_logits(model, window)
-            stats.add(expected, runner.infer(feed(window))["logits"])
-            if noise_floor:
-                with eager_attention(model):
-                    floor.add(expected, torch_logits(model, window))
-    return {**stats.summary(), **({"noise_floor": floor.summary()} if noise_floor else {})}
+        for window, logits in zip(tqdm(windows, desc=f"checking {label}", unit="window"), expected):
+            stats.add(logits, runner.infer(feed(window))["logits"])
+    release_memory()
+    return stats.summary()
 
 
 def graph_logits(path: Path, windows: np.ndarray, label: str | None = None,
                  disabled_optimizers: tuple[str, ...] = ()):
     """Teacher-forced logits of the graph on each window, as float32 (progress shown when labelled)."""
-    with onnx_runner(path, disabled_optimizers) as runner:
-        feed = window_feeder(runner)
-        for window in tqdm(windows, desc=label, unit="window", disable=label is None):
-            yield runner.infer(feed(window))["logits"].astype(np.float32)
+    try:
+        with onnx_runner(path, disabled_optimizers) as runner:
+            feed = window_feeder(runner)
+            for window in tqdm(windows, desc=label, unit="window", disable=label is None):
+                yield runner.infer(feed(window))["logits"].astype(np.float32)
+    finally:  # also when the caller stops early: the session's memory goes back before the next graph's session
+        release_memory()
 
 
 class PairMetrics:
@@ -113,15 +132,20 @@ def pair_metrics(windows: np.ndarray, reference_logits, candidate_logits) -> dic
     return metrics.summary()
 
 
-def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label: str,
+def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label: str, saved: MutableMapping,
                    candidate_disabled_optimizers: tuple[str, ...] = ()) -> dict:
-    """The candidate against the reference on the same windows, one window at a time (no logits kept)."""
-    return pair_metrics(windows, graph_logits(reference, windows, label),
-                        graph_logits(candidate, windows, None, candidate_disabled_optimizers))
+    """The candidate against the reference on the same windows. One session at a time: the reference's logits wait
+    in `saved` (SavedArrays, on disk) and are read back a window at a time while the candidate runs; two graphs'
+    sessions side by side would hold both models' weights and ONNX Runtime arenas at once."""
+    for i, values in enumerate(graph_logits(reference, windows, f"{label}: {reference.name}")):
+        saved[f"reference{i}"] = values
+    kept = (saved[f"reference{i}"] for i in range(len(windows)))
+    return pair_metrics(windows, kept, graph_logits(candidate, windows, f"{label}: {candidate.name}",
+                                                    candidate_disabled_optimizers))
 
 
 def precision_floors(reference: Path, reference_fp16: Path, quantized: Path, quantized_fp16: Path,
-                     windows: np.ndarray) -> dict:
+                     windows: np.ndarray, saved: MutableMapping) -> dict:
     """What arithmetic precision alone changes, measured rather than assumed:
     - float: the FP16 reference against the FP32 reference. A float implementation (the exported graph against
       PyTorch, a TensorRT FP16 plan against ONNX Runtime) is within tolerance when it deviates no more.
@@ -132,12 +156,18 @@ def precision_floors(reference: Path, reference_fp16: Path, quantized: Path, qua
     def logits(path: Path):
         return graph_logits(path, windows, f"{path.name} (precision floors)")
 
-    # Two graphs' logits are kept at most (a 512-token window of a 49k vocabulary is 100 MB), the others streamed.
-    reference_logits = list(logits(reference))
-    float_floor = pair_metrics(windows, reference_logits, logits(reference_fp16))
-    quantized_logits = list(logits(quantized))
+    # The FP32 graphs' logits wait in `saved` (SavedArrays: a 512-token window of a 49k vocabulary is 100 MB) and
+    # are read back a window at a time while the FP16 graphs run.
+    for label, path in (("reference", reference), ("quantized", quantized)):
+        for i, values in enumerate(logits(path)):
+            saved[f"{label}{i}"] = values
+
+    def kept(label: str):
+        return (saved[f"{label}{i}"] for i in range(len(windows)))
+
+    float_floor = pair_metrics(windows, kept("reference"), logits(reference_fp16))
     quantized_floor, fp16_qdq = PairMetrics(), PairMetrics()
-    for window, ref, qdq, qdq_fp16 in zip(windows, reference_logits, quantized_logits, logits(quantized_fp16)):
+    for window, ref, qdq, qdq_fp16 in zip(windows, kept("reference"), kept("quantized"), logits(quantized_fp16)):
         quantized_floor.add(window, qdq, qdq_fp16)
         fp16_qdq.add(window, ref, qdq_fp16)
     return {"float": float_floor, "quantized": quantized_floor.summary(), "fp16_qdq_vs_reference": fp16_qdq.summary()}

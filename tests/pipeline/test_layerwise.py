@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ import pytest
 
 from calibration.quant import QuantPlan
 from pipeline import stages
-from pipeline.artifacts import read_json
+from pipeline.artifacts import SavedArrays, read_json
 from pipeline.cli import config_from, parser, run
-from pipeline.layerwise import SavedWeights, layerwise_diff
+from pipeline.layerwise import layerwise_diff
 from tests.pipeline.test_cli import SMALL, assert_one_line_error, engine
 
 LAYER_1_O_PROJ = "model.layers.1.self_attn.o_proj"
@@ -170,11 +171,37 @@ def test_the_diff_in_passes_of_one_layer_equals_the_diff_in_one_pass(finished, d
         np.testing.assert_array_equal(passes_channels[key], value)
 
 
-def test_saved_weights_read_back_what_was_written_in_order(tmp_path):
+def test_saved_arrays_read_back_what_was_written_in_order(tmp_path):
     weights = {"b.proj": np.arange(12, dtype=np.float32).reshape(3, 4).T, "a.proj": np.ones((2, 5), np.float32)}
-    saved = SavedWeights(tmp_path, weights)
+    saved = SavedArrays(tmp_path)
+    saved.update(weights)
     assert list(saved) == ["b.proj", "a.proj"] and len(saved) == 2 and "a.proj" in saved and "c" not in saved
     for name, weight in weights.items():
         np.testing.assert_array_equal(saved[name], weight)
     with pytest.raises(KeyError):
         saved["c"]
+    saved["b.proj"] = np.zeros(3, np.float32)  # rewritten in place, keeping its position
+    del saved["a.proj"]
+    assert list(saved) == ["b.proj"] and sorted(p.name for p in tmp_path.iterdir()) == ["b.proj.npy"]
+    np.testing.assert_array_equal(saved["b.proj"], 0)
+
+
+def test_verify_opens_one_onnx_runtime_session_at_a_time(finished, tiny_model_dir, corpus, monkeypatch):
+    """Each graph's session (its weights and arena) is gone before the next one opens: side by side, sessions set
+    verify's peak memory (the accuracy check, the layer-wise diff and the precision floors each used two)."""
+    from pipeline import verify
+
+    live, overlaps, create = weakref.WeakSet(), [], verify.onnx_session
+
+    def tracked(path, *args, **kwargs):
+        if len(live):
+            overlaps.append(Path(path).name)
+        session = create(path, *args, **kwargs)
+        live.add(session)
+        return session
+
+    monkeypatch.setattr(verify, "onnx_session", tracked)
+    (finished / "stages" / "verify.json").unlink()
+    assert run(["verify", "--model", str(tiny_model_dir), "--out", str(finished), "--calib", str(corpus), *SMALL]) == 0
+    assert overlaps == []
+    assert not [p for p in finished.iterdir() if p.name.startswith(".")]  # scratch folders removed with the stage
