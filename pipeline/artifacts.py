@@ -78,6 +78,10 @@ class SavedArrays(MutableMapping):
         self.names.remove(name)
         (self.folder / f"{name}.npy").unlink()
 
+    def clear(self) -> None:  # MutableMapping's would read each array back before deleting it
+        for name in list(self.names):
+            del self[name]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
 

@@ -527,6 +527,7 @@ def verify_stage(run: Run) -> dict:
                                                        "reference ONNX vs PyTorch")
         quantized_vs_sim = {**verify.compare_with_torch(run.path(QUANTIZED), faithfulness, side.saved("simulated"),
                                                         "Q/DQ ONNX vs PyTorch fake-quant"), "noise_floor": side.noise_floor}
+        side.logits.clear()
         generation = generation_check(run, side)
         (folder / "accuracy").mkdir()
         accuracy = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED), evaluation,

@@ -140,8 +140,10 @@ def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label:
     for i, values in enumerate(graph_logits(reference, windows, f"{label}: {reference.name}")):
         saved[f"reference{i}"] = values
     kept = (saved[f"reference{i}"] for i in range(len(windows)))
-    return pair_metrics(windows, kept, graph_logits(candidate, windows, f"{label}: {candidate.name}",
-                                                    candidate_disabled_optimizers))
+    result = pair_metrics(windows, kept, graph_logits(candidate, windows, f"{label}: {candidate.name}",
+                                                      candidate_disabled_optimizers))
+    saved.clear()  # 100 MB a window for SmolLM2: the disk space goes back before the next check
+    return result
 
 
 def precision_floors(reference: Path, reference_fp16: Path, quantized: Path, quantized_fp16: Path,
@@ -170,6 +172,7 @@ def precision_floors(reference: Path, reference_fp16: Path, quantized: Path, qua
     for window, ref, qdq, qdq_fp16 in zip(windows, kept("reference"), kept("quantized"), logits(quantized_fp16)):
         quantized_floor.add(window, qdq, qdq_fp16)
         fp16_qdq.add(window, ref, qdq_fp16)
+    saved.clear()
     return {"float": float_floor, "quantized": quantized_floor.summary(), "fp16_qdq_vs_reference": fp16_qdq.summary()}
 
 

@@ -184,6 +184,8 @@ def test_saved_arrays_read_back_what_was_written_in_order(tmp_path):
     del saved["a.proj"]
     assert list(saved) == ["b.proj"] and sorted(p.name for p in tmp_path.iterdir()) == ["b.proj.npy"]
     np.testing.assert_array_equal(saved["b.proj"], 0)
+    saved.clear()
+    assert len(saved) == 0 and not list(tmp_path.iterdir())
 
 
 def test_verify_opens_one_onnx_runtime_session_at_a_time(finished, tiny_model_dir, corpus, monkeypatch):
