@@ -3,8 +3,8 @@
 The model's own sizes come from its config (parameters counted on the meta device: exact). How many copies of
 the weights a stage holds at its peak was measured on SmolLM2-135M (each stage its own process, docs/RESULTS.md
 "Export without weight copies, a smaller --low-memory, and the bench at 6e1be48"): the model (calibrate,
-quantize), the model beside the exporter's shape-inference copy (export), ONNX Runtime sessions beside the
-model (verify). --low-memory holds one decoder layer (two with GPTQ's float twin) and a batch of the calibration
+quantize), the model beside the exporter's shape-inference copy (export), one ONNX Runtime session at a time
+(verify; the FP16 Q/DQ graph's on CPU is the largest, ~1 GB for SmolLM2). --low-memory holds one decoder layer (two with GPTQ's float twin) and a batch of the calibration
 windows' hidden states instead (the others wait on disk).
 An estimate, not a bound: the bench prints it next to the measured peak RSS.
 """
@@ -21,13 +21,13 @@ from pipeline.config import RunConfig
 GB = 1e9
 RUNTIME_BYTES = 0.45e9  # Python, torch, transformers, onnx (importing the pipeline: 0.35 GB), the tokenized text
 # Copies of the FP32 weights each in-memory stage holds at its peak, beyond the runtime and the activations
-# (SmolLM2, 0.54 GB of weights, each stage its own process; `make bench` at 6e1be48 and 7528780: calibrate 2.10
-# and 1.18 GB, quantize 2.22 and 1.20 GB, export 1.70 and 1.92 GB, verify 2.51 GB at 7528780). Calibrate and
+# (SmolLM2, 0.54 GB of weights, each stage its own process; `make bench` at 6e1be48, 7528780, 2ae8d9a and 9e176b2:
+# calibrate 1.15-2.10 GB, quantize 1.20-2.22 GB, export 1.70-1.92 GB, verify 2.33 GB at 9e176b2). Calibrate and
 # quantize hold one model, but under glibc's default allocator their freed activation buffers can stay in a
 # fragmented heap: the estimate takes the upper end of each spread, since it exists to warn before memory runs
-# out. Export: the traced model and the copy the exporter's shape inference makes of its parameters; verify: ONNX
-# Runtime sessions beside the model.
-WEIGHT_COPIES = {"calibrate": 2.8, "quantize": 2.8, "export": 2.5, "verify": 3.6}
+# out. Export: the traced model and the copy the exporter's shape inference makes of its parameters; verify: its
+# largest ONNX Runtime session (the FP16 Q/DQ graph's: 0.97 GB alone after two SmolLM2 windows on CPU).
+WEIGHT_COPIES = {"calibrate": 2.8, "quantize": 2.8, "export": 2.5, "verify": 3.3}
 STREAMED_STAGES = ("calibrate", "quantize")  # the stages --low-memory runs layer by layer
 
 
