@@ -85,9 +85,7 @@ class _MarkedGraph:
         with_outputs(model, probes.names())
         ir.save(model, self.marked)  # external tensors keep their place in that file: only the graph is written
         del model
-        # With its memory arena: the session lives for one pass, and without it glibc's heap kept the freed
-        # activations of a SmolLM2 prefill (~0.5 GB more at the peak).
-        self.session = onnx_session(self.marked)
+        self.session = onnx_session(self.marked)  # one pass long: its arena's memory goes back at close()
         self.shape = DecoderShape.from_session(self.session)
         self.kv_dtype = kv_dtype(self.session, self.shape)
 
