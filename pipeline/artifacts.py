@@ -56,12 +56,13 @@ def scratch_folder(near: Path):
 
 
 class SavedArrays(MutableMapping):
-    """numpy arrays kept in `folder` (a scratch_folder), one .npy file per key, each read back when asked for: what
-    a stage needs later but must not hold beside what it runs next (verify: the PyTorch logits while ONNX Runtime
-    runs the graphs, the float weights beside the layer-wise diff's two sessions). Keys iterate in insertion
-    order; a key is a file name."""
+    """numpy arrays kept in `folder` (in a scratch_folder; made if absent), one .npy file per key, each read back
+    when asked for: what a stage needs later but must not hold beside what it runs next (verify: the PyTorch logits
+    while ONNX Runtime runs the graphs, one graph's logits while the other runs, the float weights beside the
+    layer-wise diff's sessions). Keys iterate in insertion order; a key is a file name."""
 
     def __init__(self, folder: Path):
+        folder.mkdir(exist_ok=True)
         self.folder, self.names = folder, []
 
     def __setitem__(self, name: str, array: np.ndarray) -> None:

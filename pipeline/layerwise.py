@@ -166,6 +166,7 @@ def _diff_pass(reference: _MarkedGraph, quantized: _MarkedGraph, modules: list[s
             acc.blocks[layer].add(ref[ref_probes.block_outputs[layer]], got[q_probes.block_outputs[layer]])
         del ref, got  # the next window's probes need the room
     quantized.close()
+    saved.clear()  # a later pass with fewer probes would leave this one's extra files behind
 
 
 def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_weights: Mapping[str, np.ndarray],
@@ -181,7 +182,6 @@ def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_
     with tempfile.TemporaryDirectory(dir=quantized.parent, prefix=".layerwise-") as tmp:
         marked = [_MarkedGraph(path, modules, Path(tmp) / kind) for kind, path in
                   (("reference", reference), ("quantized", quantized))]
-        (Path(tmp) / "probes").mkdir()
         saved = SavedArrays(Path(tmp) / "probes")
         for pass_modules in layer_passes(modules, LAYERS_PER_PASS):
             _diff_pass(*marked, pass_modules, windows, float_weights, output_factors, acc, saved)

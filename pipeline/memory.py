@@ -2,10 +2,11 @@
 
 The model's own sizes come from its config (parameters counted on the meta device: exact). How many copies of
 the weights a stage holds at its peak was measured on SmolLM2-135M (each stage its own process, docs/RESULTS.md
-"Export without weight copies, a smaller --low-memory, and the bench at 6e1be48"): the model (calibrate,
-quantize), the model beside the exporter's shape-inference copy (export), one ONNX Runtime session at a time
-(verify; the FP16 Q/DQ graph's on CPU is the largest, ~1 GB for SmolLM2). --low-memory holds one decoder layer (two with GPTQ's float twin) and a batch of the calibration
-windows' hidden states instead (the others wait on disk).
+"Hidden states on disk, verify one session at a time, and the benches at 2ae8d9a and 9e176b2"): the model
+(calibrate, quantize), the model beside the exporter's shape-inference copy (export), one ONNX Runtime session at
+a time (verify; the FP16 Q/DQ graph's on CPU is the largest, ~1 GB for SmolLM2). --low-memory holds one decoder
+layer (two with GPTQ's float twin) and a batch of the calibration windows' hidden states instead (the others wait
+on disk).
 An estimate, not a bound: the bench prints it next to the measured peak RSS.
 """
 

@@ -491,8 +491,6 @@ def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path) -
     """The float model, then the smoothed one as the fake-quant simulation, one at a time; arrays kept in `folder`."""
     from pipeline import verify
 
-    (folder / "logits").mkdir()
-    (folder / "weights").mkdir()
     logits = SavedArrays(folder / "logits")
     model, tokenizer, _ = run.model()
     verify.save_torch_logits(model, windows, logits, "float", "PyTorch FP32 logits")
@@ -529,13 +527,11 @@ def verify_stage(run: Run) -> dict:
                                                         "Q/DQ ONNX vs PyTorch fake-quant"), "noise_floor": side.noise_floor}
         side.logits.clear()
         generation = generation_check(run, side)
-        (folder / "accuracy").mkdir()
+        graph_outputs = SavedArrays(folder / "graphs")  # each check clears what it saved there
         accuracy = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED), evaluation,
-                                         "reference vs Q/DQ ONNX", SavedArrays(folder / "accuracy"))
-        (folder / "floors").mkdir()
+                                         "reference vs Q/DQ ONNX", graph_outputs)
         floors = verify.precision_floors(run.path(REFERENCE), run.path(REFERENCE_FP16), run.path(QUANTIZED),
-                                         run.path(QUANTIZED_FP16), evaluation[:FP16_GRAPH_WINDOWS],
-                                         SavedArrays(folder / "floors"))
+                                         run.path(QUANTIZED_FP16), evaluation[:FP16_GRAPH_WINDOWS], graph_outputs)
         layerwise_check(run, *side.layerwise, evaluation[:LAYERWISE_WINDOWS])
     manifest = read_json(run.path("manifest.json"))
     if manifest["stages"].get("build", {}).get("status") == "done":  # same code path as ONNX Runtime's, via Polygraphy

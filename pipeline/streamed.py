@@ -53,7 +53,7 @@ def streamed_quantize(reader: WeightReader, spec: ArchitectureSpec, cfg: QuantCo
         if gptq:
             advance(model, quantized_hidden, batch)
         advance(float_layer, hidden, batch)
-    del hidden, quantized_hidden, model, float_layer, layer_weights
+    del model, float_layer, layer_weights
     weights = {name: q for path in spilled for name, q in load_quantized(path).items()}
     return factors, merged_plan(plans), merged_choice(choices, cfg), weights
 
