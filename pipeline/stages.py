@@ -416,17 +416,14 @@ def build(run: Run) -> None:
     run.update_manifest("build", "done", **manifest)
 
 
-def generation_check(run: Run, side: TorchSide) -> dict:
+def generation_check(side: TorchSide, reference: list[list[int]], quantized: list[list[int]]) -> dict:
     """Greedy tokens of PyTorch's generate() (made before the model was freed) vs the reference graph's KV-cache
     loop (exactness of the export), and the Q/DQ graph's tokens vs the reference's (what quantization changes in
     generated text)."""
     from pipeline import verify
 
-    new = verify.GENERATED_TOKENS
-    reference = verify.onnx_greedy(run.path(REFERENCE), side.prompts, new, side.stops)
-    quantized = verify.onnx_greedy(run.path(QUANTIZED), side.prompts, new, side.stops)
     decode = side.tokenizer.decode
-    return {"new_tokens": new, "prompts": list(verify.GENERATION_PROMPTS),
+    return {"new_tokens": verify.GENERATED_TOKENS, "prompts": list(verify.GENERATION_PROMPTS),
             "reference_onnx_vs_pytorch_generate": verify.generation_agreement(side.greedy_tokens, reference),
             "quantized_vs_reference_onnx": verify.generation_agreement(reference, quantized),
             "samples": [{"prompt": text, "reference": decode(r, skip_special_tokens=True),
@@ -521,17 +518,23 @@ def verify_stage(run: Run) -> dict:
     with scratch_folder(run.path(VERIFICATION).with_suffix(".arrays")) as folder:
         side = pytorch_side(run, plan, faithfulness, folder)
         release_memory()  # the models are gone before the first session opens
-        reference_vs_torch = verify.compare_with_torch(run.path(REFERENCE), faithfulness, side.saved("float"),
-                                                       "reference ONNX vs PyTorch")
-        quantized_vs_sim = {**verify.compare_with_torch(run.path(QUANTIZED), faithfulness, side.saved("simulated"),
-                                                        "Q/DQ ONNX vs PyTorch fake-quant"), "noise_floor": side.noise_floor}
+        graph_outputs = SavedArrays(folder / "graphs")  # the reference's logits while the Q/DQ graph runs
+        # Each FP32 graph runs once, in one session, for all its checks: PyTorch on the first windows, accuracy on
+        # all of them, the precision floors' FP32 side on the first few, and the greedy generation loop.
+        with verify.OpenGraph(run.path(REFERENCE)) as reference:
+            reference_vs_torch = verify.check_reference(reference, evaluation, side.saved("float"), graph_outputs,
+                                                        f"{REFERENCE} (vs PyTorch; accuracy)")
+            reference_tokens = verify.onnx_greedy(reference, side.prompts, verify.GENERATED_TOKENS, side.stops)
+        with verify.OpenGraph(run.path(QUANTIZED)) as quantized:
+            quantized_vs_sim, accuracy = verify.check_quantized(quantized, evaluation, side.saved("simulated"),
+                                                                graph_outputs, FP16_GRAPH_WINDOWS,
+                                                                f"{QUANTIZED} (vs PyTorch fake-quant; accuracy)")
+            quantized_tokens = verify.onnx_greedy(quantized, side.prompts, verify.GENERATED_TOKENS, side.stops)
+        quantized_vs_sim["noise_floor"] = side.noise_floor
         side.logits.clear()
-        generation = generation_check(run, side)
-        graph_outputs = SavedArrays(folder / "graphs")  # each check clears what it saved there
-        accuracy = verify.compare_graphs(run.path(REFERENCE), run.path(QUANTIZED), evaluation,
-                                         "reference vs Q/DQ ONNX", graph_outputs)
-        floors = verify.precision_floors(run.path(REFERENCE), run.path(REFERENCE_FP16), run.path(QUANTIZED),
-                                         run.path(QUANTIZED_FP16), evaluation[:FP16_GRAPH_WINDOWS], graph_outputs)
+        generation = generation_check(side, reference_tokens, quantized_tokens)
+        floors = verify.precision_floors(run.path(REFERENCE_FP16), run.path(QUANTIZED_FP16),
+                                         evaluation[:FP16_GRAPH_WINDOWS], graph_outputs)
         layerwise_check(run, *side.layerwise, evaluation[:LAYERWISE_WINDOWS])
     manifest = read_json(run.path("manifest.json"))
     if manifest["stages"].get("build", {}).get("status") == "done":  # same code path as ONNX Runtime's, via Polygraphy

@@ -35,8 +35,21 @@ def onnx_session(path: Path, providers: list[str] | None = None,
                                 disabled_optimizers=list(disabled_optimizers))
 
 
-def onnx_runner(path: Path, disabled_optimizers: tuple[str, ...] = ()) -> OnnxrtRunner:
-    return OnnxrtRunner(lambda: onnx_session(path, disabled_optimizers=disabled_optimizers))
+class OpenGraph:
+    """One session of a graph for every check that runs it: creating one costs 2-5 s on SmolLM2, as much as
+    several windows. Closing drops the only reference to the session (its weights and arena go back to the system)
+    before the next graph's session opens."""
+
+    def __init__(self, path: Path, disabled_optimizers: tuple[str, ...] = ()):
+        self.path = Path(path)
+        self.session = onnx_session(self.path, disabled_optimizers=disabled_optimizers)
+
+    def __enter__(self) -> OpenGraph:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.session = None
+        release_memory()
 
 
 def window_feeder(runner: OnnxrtRunner, reserved_slots: int = 0):
@@ -78,29 +91,20 @@ def save_simulation_logits(model: torch.nn.Module, windows: np.ndarray, saved: M
     return floor.summary()
 
 
-def compare_with_torch(path: Path, windows: np.ndarray, expected: Iterable[np.ndarray], label: str) -> dict:
-    """ONNX Runtime on the graph vs the logits of the PyTorch module it was exported from (or simulates) on the same
-    windows, computed before the session opens (save_torch_logits): the model and the session are never in memory
-    together."""
-    stats = PairStats()
-    with onnx_runner(path) as runner:
+def session_logits(session: ort.InferenceSession, windows: np.ndarray, label: str | None = None):
+    """Teacher-forced logits of the session's graph (Polygraphy's ONNX Runtime runner) on each window, as float32
+    (progress shown when labelled)."""
+    with OnnxrtRunner(session) as runner:
         feed = window_feeder(runner)
-        for window, logits in zip(tqdm(windows, desc=f"checking {label}", unit="window"), expected):
-            stats.add(logits, runner.infer(feed(window))["logits"])
-    release_memory()
-    return stats.summary()
+        for window in tqdm(windows, desc=label, unit="window", disable=label is None):
+            yield runner.infer(feed(window))["logits"].astype(np.float32)
 
 
 def graph_logits(path: Path, windows: np.ndarray, label: str | None = None,
                  disabled_optimizers: tuple[str, ...] = ()):
-    """Teacher-forced logits of the graph on each window, as float32 (progress shown when labelled)."""
-    try:
-        with onnx_runner(path, disabled_optimizers) as runner:
-            feed = window_feeder(runner)
-            for window in tqdm(windows, desc=label, unit="window", disable=label is None):
-                yield runner.infer(feed(window))["logits"].astype(np.float32)
-    finally:  # also when the caller stops early: the session's memory goes back before the next graph's session
-        release_memory()
+    """session_logits of the graph in a session of its own, closed also when the caller stops early."""
+    with OpenGraph(path, disabled_optimizers) as graph:
+        yield from session_logits(graph.session, windows, label)
 
 
 class PairMetrics:
@@ -146,9 +150,41 @@ def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label:
     return result
 
 
-def precision_floors(reference: Path, reference_fp16: Path, quantized: Path, quantized_fp16: Path,
-                     windows: np.ndarray, saved: MutableMapping) -> dict:
-    """What arithmetic precision alone changes, measured rather than assumed:
+def check_reference(graph: OpenGraph, windows: np.ndarray, torch_logits: Iterable[np.ndarray],
+                    saved: MutableMapping, label: str) -> dict:
+    """The reference graph's one pass over the evaluation windows: each window's logits saved as reference<i> for
+    the graphs that run next (SavedArrays: a 512-token window of a 49k vocabulary is 100 MB), the first ones
+    compared with the logits of the PyTorch model it was exported from (export faithfulness; computed before the
+    session opened, so model and session never share memory)."""
+    faithful, expected = PairStats(), iter(torch_logits)
+    for i, logits in enumerate(session_logits(graph.session, windows, label)):
+        saved[f"reference{i}"] = logits
+        if (torch_window := next(expected, None)) is not None:
+            faithful.add(torch_window, logits)
+    return faithful.summary()
+
+
+def check_quantized(graph: OpenGraph, windows: np.ndarray, simulated_logits: Iterable[np.ndarray],
+                    saved: MutableMapping, keep: int, label: str) -> tuple[dict, dict]:
+    """The Q/DQ graph's one pass over the evaluation windows, after check_reference. Returns its first windows
+    against the PyTorch fake-quant simulation (faithfulness) and every window against the reference's saved logits
+    (accuracy). The logits of both graphs on the first `keep` windows stay saved (reference<i>, quantized<i>) for
+    precision_floors; the reference's others are deleted as they are used."""
+    faithful, accuracy, expected = PairStats(), PairMetrics(), iter(simulated_logits)
+    for i, (window, logits) in enumerate(zip(windows, session_logits(graph.session, windows, label))):
+        accuracy.add(window, saved[f"reference{i}"], logits)
+        if (simulated := next(expected, None)) is not None:
+            faithful.add(simulated, logits)
+        if i < keep:
+            saved[f"quantized{i}"] = logits
+        else:
+            del saved[f"reference{i}"]
+    return faithful.summary(), accuracy.summary()
+
+
+def precision_floors(reference_fp16: Path, quantized_fp16: Path, windows: np.ndarray, saved: MutableMapping) -> dict:
+    """What arithmetic precision alone changes, measured rather than assumed, on the windows whose FP32 logits
+    check_quantized kept in `saved` (reference<i>, quantized<i>; read back a window at a time, cleared at the end):
     - float: the FP16 reference against the FP32 reference. A float implementation (the exported graph against
       PyTorch, a TensorRT FP16 plan against ONNX Runtime) is within tolerance when it deviates no more.
     - quantized: the FP16 Q/DQ graph against the FP32 Q/DQ graph. A W8A8 graph is discontinuous (a rounding at a
@@ -157,12 +193,6 @@ def precision_floors(reference: Path, reference_fp16: Path, quantized: Path, qua
     - fp16_qdq_vs_reference: the graph TensorRT builds, against the FP32 reference."""
     def logits(path: Path):
         return graph_logits(path, windows, f"{path.name} (precision floors)")
-
-    # The FP32 graphs' logits wait in `saved` (SavedArrays: a 512-token window of a 49k vocabulary is 100 MB) and
-    # are read back a window at a time while the FP16 graphs run.
-    for label, path in (("reference", reference), ("quantized", quantized)):
-        for i, values in enumerate(logits(path)):
-            saved[f"{label}{i}"] = values
 
     def kept(label: str):
         return (saved[f"{label}{i}"] for i in range(len(windows)))
@@ -185,7 +215,8 @@ def compare_plan(plan: Path, graph: Path, windows: np.ndarray, label: str) -> di
     from trt_builder.profiles import RESERVED_SLOTS
 
     stats = PairStats()
-    with onnx_runner(graph) as onnx, TrtRunner(EngineFromBytes(plan.read_bytes()), optimization_profile=0) as trt:
+    with OpenGraph(graph) as opened, OnnxrtRunner(opened.session) as onnx, \
+            TrtRunner(EngineFromBytes(plan.read_bytes()), optimization_profile=0) as trt:
         feed = window_feeder(onnx, RESERVED_SLOTS)
         for window in tqdm(windows, desc=label, unit="window"):
             inputs = feed(window)
@@ -225,14 +256,15 @@ def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: i
     return out
 
 
-def onnx_greedy(path: Path, prompts: list[list[int]], new_tokens: int, stops: tuple[int, ...]) -> list[list[int]]:
+def onnx_greedy(graph: OpenGraph, prompts: list[list[int]], new_tokens: int, stops: tuple[int, ...]) -> list[list[int]]:
+    """Greedy tokens of our KV-cache loop, in the graph's session its logits checks ran in."""
     from pipeline.generation import Sampling, generate_ids
     from pipeline.runtime import OnnxDecoder
 
-    engine = OnnxDecoder(path)
+    engine = OnnxDecoder(graph.path, session=graph.session)
     sampling = Sampling(stop_token_ids=stops, min_new_tokens=new_tokens)
     return [generate_ids(engine, [prompt], new_tokens, sampling)[0]
-            for prompt in tqdm(prompts, desc=f"generating with {path.name}", unit="prompt")]
+            for prompt in tqdm(prompts, desc=f"generating with {graph.path.name}", unit="prompt")]
 
 
 def generation_agreement(baseline: list[list[int]], candidate: list[list[int]]) -> dict:

@@ -188,16 +188,19 @@ def test_saved_arrays_read_back_what_was_written_in_order(tmp_path):
     assert len(saved) == 0 and not list(tmp_path.iterdir())
 
 
-def test_verify_opens_one_onnx_runtime_session_at_a_time(finished, tiny_model_dir, corpus, monkeypatch):
+def test_verify_opens_one_onnx_runtime_session_at_a_time_once_per_graph(finished, tiny_model_dir, corpus,
+                                                                        monkeypatch):
     """Each graph's session (its weights and arena) is gone before the next one opens: side by side, sessions set
-    verify's peak memory (the accuracy check, the layer-wise diff and the precision floors each used two)."""
+    verify's peak memory (the accuracy check, the layer-wise diff and the precision floors each used two). And each
+    graph is opened once for all its checks: a session costs seconds to create on a real model."""
     from pipeline import verify
 
-    live, overlaps, create = weakref.WeakSet(), [], verify.onnx_session
+    live, overlaps, opened, create = weakref.WeakSet(), [], [], verify.onnx_session
 
     def tracked(path, *args, **kwargs):
         if len(live):
             overlaps.append(Path(path).name)
+        opened.append(Path(path).name)
         session = create(path, *args, **kwargs)
         live.add(session)
         return session
@@ -206,4 +209,7 @@ def test_verify_opens_one_onnx_runtime_session_at_a_time(finished, tiny_model_di
     (finished / "stages" / "verify.json").unlink()
     assert run(["verify", "--model", str(tiny_model_dir), "--out", str(finished), "--calib", str(corpus), *SMALL]) == 0
     assert overlaps == []
+    graphs = ("reference.onnx", "quantized.onnx", "reference.fp16.onnx", "quantized.fp16.onnx")
+    assert [name for name in opened if name in graphs] == list(graphs)
+    assert len(opened) == len(graphs) + 2  # and the layer-wise diff's marked pair (one pass for 2 layers)
     assert not [p for p in finished.iterdir() if p.name.startswith(".")]  # scratch folders removed with the stage
