@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import latency, targets  # noqa: E402
 from bench.quantize_static import quantize_static_model  # noqa: E402
+from pipeline.artifacts import machine  # noqa: E402
 from pipeline.gguf_cache import CACHE_ENV  # noqa: E402
 
 STAGES = ("calibrate", "quantize", "export", "build", "verify")
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {recipe: run_pipeline(args, root / recipe, recipe) for recipe in recipes}
     main_out = root / recipes[0]
     result = {"command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "model": args.model, "recipes": recipes, "load": {"first": first_load, "cached": load_only(args.model)},
+              "model": args.model, "machine": machine(), "recipes": recipes, "load": {"first": first_load, "cached": load_only(args.model)},
               "pipeline": runs[recipes[0]]["stages"],
               "low_memory": low_memory_stages(args, root / f"{recipes[0]}-low-memory", recipes[0], main_out),
               "memory_estimates": memory_estimates(args, recipes[0]),

@@ -46,7 +46,10 @@ def _number(value: float | None) -> str:
 
 
 def markdown(r: dict) -> str:
+    cpu = r.get("machine", {})
     lines = [f"# smoothtrt bench: {r['model']}", "", f"Command: `{r['command']}`", "",
+             f"Machine: {cpu.get('cpu', 'not recorded')}, {cpu.get('logical_cpus')} logical CPUs, PyTorch kernels "
+             f"{cpu.get('torch_cpu_capability')} (float results, and so the plan, can differ on another CPU).", "",
              f"Recipe timed stage by stage: {r['recipes'][0]}. Each stage ran as its own process (model load "
              "included in each); peak RSS is that process's.", "",
              "| stage | seconds | peak RSS MB |", "| --- | --- | --- |",

@@ -152,6 +152,22 @@ class StageRecords:
         return read_json(path).get("details", {}) if path.exists() else {}
 
 
+def machine() -> dict:
+    """The CPU a stage ran on. Float results depend on it: MKL and oneDNN pick kernels by instruction set and
+    vendor, and a different summation order can flip a near-tie of the alpha search (RESULTS: the same commit and
+    inputs gave SmolLM2 perplexity 29.9697 on one machine and 30.0551 on another)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:  # not Linux
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads()}
+
+
 def versions() -> dict:
     found = {"python": platform.python_version()}
     for name in PACKAGES:

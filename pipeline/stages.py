@@ -33,7 +33,7 @@ from pipeline import PipelineError, models, report, tuning
 from pipeline.accuracy_target import Target
 from pipeline.budget import fit_budget
 from pipeline.artifacts import (TOKENIZER, SavedArrays, StageRecords, atomic_folder, atomic_path, prepare_out,
-                                read_json, scratch_folder, versions, write_json)
+                                machine, read_json, scratch_folder, versions, write_json)
 from pipeline.config import RunConfig, digest
 from pipeline.memory import (STREAMED_STAGES, ModelShape, available_bytes, describe_peaks, estimate_peaks,
                             release_memory)
@@ -114,7 +114,7 @@ class Run:
             "model": {"spec": self.source.spec, "kind": self.source.kind, "fingerprint": self.fingerprint()},
             "versions": versions(),
         })
-        manifest.setdefault("stages", {})[stage] = {"status": status, **extra}
+        manifest.setdefault("stages", {})[stage] = {"status": status, "machine": machine(), **extra}
         write_json(path, manifest)
 
 
@@ -507,8 +507,9 @@ def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path) -
 def verify_stage(run: Run) -> dict:
     from pipeline import report_files, verify
 
+    build = read_json(run.path("manifest.json"))["stages"].get("build") or {}
     key = digest("verify", run.records.key("export"), run.records.details("calibrate"),
-                 read_json(run.path("manifest.json"))["stages"].get("build"))
+                 {k: v for k, v in build.items() if k != "machine"})  # a plan built or not, not where build ran
     if _up_to_date(run, "verify", key):
         return read_json(run.path(VERIFICATION))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))

@@ -33,6 +33,7 @@ def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus, monke
     assert r["memory_estimates"]["low_memory"]["calibrate"] < r["memory_estimates"]["in_memory"]["calibrate"]
     assert r["report"]["seconds"] > 0 and (tmp_path / "out" / "w8a8" / "report.html").is_file()
     assert "| target | measured | limit | met |" in (results / "bench.md").read_text()
+    assert f"Machine: {r['machine']['cpu']}, " in (results / "bench.md").read_text()
 
 
 def test_a_process_peak_is_its_own_and_not_the_bench_process():

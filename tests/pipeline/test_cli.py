@@ -43,6 +43,11 @@ def test_engine_writes_every_artifact_and_an_honest_report(finished):
     manifest = json.loads((finished / "manifest.json").read_text())
     assert manifest["config"]["quant"]["alpha"] == "auto"
     assert manifest["stages"]["calibrate"]["windows_sha256"] == report["calibration"]["windows_sha256"]
+    import torch  # each stage records the CPU it ran on: float results, and so the plan, depend on its kernels
+
+    for stage in manifest["stages"].values():
+        assert stage["machine"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert stage["machine"]["cpu"] and stage["machine"]["logical_cpus"] >= 1
     data_check = manifest["stages"]["calibrate"]["data_check"]  # the small test set is flagged, not refused
     assert data_check["evaluation_overlap"] == 0 and data_check["warnings"][0].startswith("only ")
     try:
