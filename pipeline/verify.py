@@ -199,9 +199,10 @@ def precision_floors(reference_fp16: Path, quantized_fp16: Path, windows: np.nda
 
     float_floor = pair_metrics(windows, kept("reference"), logits(reference_fp16))
     quantized_floor, fp16_qdq = PairMetrics(), PairMetrics()
-    for window, ref, qdq, qdq_fp16 in zip(windows, kept("reference"), kept("quantized"), logits(quantized_fp16)):
-        quantized_floor.add(window, qdq, qdq_fp16)
-        fp16_qdq.add(window, ref, qdq_fp16)
+    for i, (window, qdq_fp16) in enumerate(zip(windows, logits(quantized_fp16))):
+        # One saved window read at a time beside the FP16 graph's session, each freed after its comparison.
+        quantized_floor.add(window, saved[f"quantized{i}"], qdq_fp16)
+        fp16_qdq.add(window, saved[f"reference{i}"], qdq_fp16)
     saved.clear()
     return {"float": float_floor, "quantized": quantized_floor.summary(), "fp16_qdq_vs_reference": fp16_qdq.summary()}
 
