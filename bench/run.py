@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {recipe: run_pipeline(args, root / recipe, recipe) for recipe in recipes}
     main_out = root / recipes[0]
     result = {"command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "model": args.model, "machine": machine(), "recipes": recipes, "load": {"first": first_load, "cached": load_only(args.model)},
+              "model": args.model, "machine": machine(), "recipes": recipes,
+              "load": {"first": first_load, "cached": load_only(args.model)},
               "pipeline": runs[recipes[0]]["stages"],
               "low_memory": low_memory_stages(args, root / f"{recipes[0]}-low-memory", recipes[0], main_out),
               "memory_estimates": memory_estimates(args, recipes[0]),

@@ -150,23 +150,24 @@ def _diff_pass(reference: _MarkedGraph, quantized: _MarkedGraph, modules: list[s
     reference.close()
     quantized.mark(q_probes)
     position = {name: j for j, name in enumerate(ref_names)}
-    for i, window in enumerate(tqdm(windows, desc=label, unit="window")):
-        def ref(name: str) -> np.ndarray:  # read when used: all of a pass's probes at once are ~0.35 GB on SmolLM2
-            return saved[f"{i}-{position[name]}"]
 
+    def ref_probe(i: int, name: str) -> np.ndarray:  # read when used: a pass's probes are ~0.35 GB (SmolLM2)
+        return saved[f"{i}-{position[name]}"]
+
+    for i, window in enumerate(tqdm(windows, desc=label, unit="window")):
         got = quantized.fetch(window, q_probes.names())
         for m in q_probes.gemm_outputs:
             y_q, x = got[q_probes.gemm_outputs[m]], got[q_probes.gemm_inputs[m]]
             factor = output_factors.get(m)
-            acc.accumulated[m].add(ref(ref_probes.gemm_outputs[m]), y_q * factor if factor is not None else y_q)
+            acc.accumulated[m].add(ref_probe(i, ref_probes.gemm_outputs[m]), y_q * factor if factor is not None else y_q)
             acc.local[m].add(x.astype(np.float32) @ float_weights[m], y_q)
             if m in q_probes.input_scales:
                 acc.clipped[m].append(clipped_fraction(x, q_probes.input_scales[m]))
-            for key, value in ((f"{m}/activation_before", ref(ref_probes.gemm_inputs[m])),
+            for key, value in ((f"{m}/activation_before", ref_probe(i, ref_probes.gemm_inputs[m])),
                                (f"{m}/activation_after", x)):
                 acc.channels[key] = np.maximum(acc.channels.get(key, 0.0), channel_absmax(value))
         for layer in q_probes.block_outputs:
-            acc.blocks[layer].add(ref(ref_probes.block_outputs[layer]), got[q_probes.block_outputs[layer]])
+            acc.blocks[layer].add(ref_probe(i, ref_probes.block_outputs[layer]), got[q_probes.block_outputs[layer]])
         del got  # the next window's probes need the room
     quantized.close()
     saved.clear()  # a later pass with fewer probes would leave this one's extra files behind

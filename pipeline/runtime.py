@@ -93,7 +93,8 @@ class OnnxDecoder(TextGeneration):
 
         self.path, self.reserved_slots = Path(path), reserved_slots
         try:
-            self.session = session or onnx_session(self.path, providers, disabled_optimizers)
+            self.session = session if session is not None else onnx_session(self.path, providers,
+                                                                             disabled_optimizers)
         except Exception as e:  # ONNX Runtime raises its own exception types for unreadable models
             raise PipelineError(f"cannot load {self.path.name} in ONNX Runtime: {diagnose_onnx(self.path, e)}") from None
         self.shape = DecoderShape.from_session(self.session)
