@@ -29,6 +29,8 @@ from exporters.probes import Probes, find_probes, gemm_weight, layer_of, with_ou
 from pipeline.artifacts import SavedArrays
 from pipeline.memory import release_memory
 from pipeline.metrics import snr_db
+from pipeline.runtime import kv_dtype
+from pipeline.verify import OpenGraph
 
 # A GEMM adds a "large" error when its local error power is 100x (20 dB) the median GEMM's of the same run:
 # ordinary INT8 rounding differs between GEMMs by a few dB; a wrong scale or weight costs tens of dB.
@@ -74,28 +76,22 @@ class _MarkedGraph:
         ir.save(model, self.copy, external_data=path.name + ".data")
         del model
         release_memory()  # the IR graph holds reference cycles: free its weights before a session copies them
-        self.session = None
 
-    def mark(self, probes: Probes) -> None:
-        """Open the session of a pass fetching `probes` (close() it before the other graph's opens)."""
-        from pipeline.runtime import kv_dtype
-        from pipeline.verify import onnx_session
-
+    def mark(self, probes: Probes) -> OpenGraph:
+        """A session of the copy fetching `probes`, one pass long: close it (leave its `with`) before the other
+        graph's opens, and its arena's memory goes back."""
         model = ir.load(self.copy)  # its tensors stay in the copy's data file
         with_outputs(model, probes.names())
         ir.save(model, self.marked)  # external tensors keep their place in that file: only the graph is written
         del model
-        self.session = onnx_session(self.marked)  # one pass long: its arena's memory goes back at close()
-        self.shape = DecoderShape.from_session(self.session)
-        self.kv_dtype = kv_dtype(self.session, self.shape)
+        return OpenGraph(self.marked)
 
-    def close(self) -> None:
-        self.session = None
-        release_memory()
 
-    def fetch(self, window: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
-        feed = self.shape.prefill_feed(window[None, :], self.kv_dtype)
-        return dict(zip(names, self.session.run(names, feed)))
+def fetch(graph: OpenGraph, window: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """The probes `names` of a marked graph's session (_MarkedGraph.mark) on one window."""
+    shape = DecoderShape.from_session(graph.session)
+    feed = shape.prefill_feed(window[None, :], kv_dtype(graph.session, shape))
+    return dict(zip(names, graph.session.run(names, feed)))
 
 
 def clipped_fraction(x: np.ndarray, scale: float) -> float:
@@ -142,34 +138,33 @@ def _diff_pass(reference: _MarkedGraph, quantized: _MarkedGraph, modules: list[s
         acc.channels[f"{m}/weight_after"] = quantized.weight_absmax[m]
     acc.blocks.update({layer: TensorError() for layer in q_probes.block_outputs})
     ref_names = ref_probes.names()
-    reference.mark(ref_probes)
     label = f"layer-wise diff ({len(modules)} GEMMs)"
-    for i, window in enumerate(tqdm(windows, desc=f"{label}, reference", unit="window")):
-        for j, values in enumerate(reference.fetch(window, ref_names).values()):
-            saved[f"{i}-{j}"] = values
-    reference.close()
-    quantized.mark(q_probes)
+    with reference.mark(ref_probes) as graph:
+        for i, window in enumerate(tqdm(windows, desc=f"{label}, reference", unit="window")):
+            for j, values in enumerate(fetch(graph, window, ref_names).values()):
+                saved[f"{i}-{j}"] = values
     position = {name: j for j, name in enumerate(ref_names)}
 
     def ref_probe(i: int, name: str) -> np.ndarray:  # read when used: a pass's probes are ~0.35 GB (SmolLM2)
         return saved[f"{i}-{position[name]}"]
 
-    for i, window in enumerate(tqdm(windows, desc=label, unit="window")):
-        got = quantized.fetch(window, q_probes.names())
-        for m in q_probes.gemm_outputs:
-            y_q, x = got[q_probes.gemm_outputs[m]], got[q_probes.gemm_inputs[m]]
-            factor = output_factors.get(m)
-            acc.accumulated[m].add(ref_probe(i, ref_probes.gemm_outputs[m]), y_q * factor if factor is not None else y_q)
-            acc.local[m].add(x.astype(np.float32) @ float_weights[m], y_q)
-            if m in q_probes.input_scales:
-                acc.clipped[m].append(clipped_fraction(x, q_probes.input_scales[m]))
-            for key, value in ((f"{m}/activation_before", ref_probe(i, ref_probes.gemm_inputs[m])),
-                               (f"{m}/activation_after", x)):
-                acc.channels[key] = np.maximum(acc.channels.get(key, 0.0), channel_absmax(value))
-        for layer in q_probes.block_outputs:
-            acc.blocks[layer].add(ref_probe(i, ref_probes.block_outputs[layer]), got[q_probes.block_outputs[layer]])
-        del got  # the next window's probes need the room
-    quantized.close()
+    with quantized.mark(q_probes) as graph:
+        for i, window in enumerate(tqdm(windows, desc=label, unit="window")):
+            got = fetch(graph, window, q_probes.names())
+            for m in q_probes.gemm_outputs:
+                y_q, x = got[q_probes.gemm_outputs[m]], got[q_probes.gemm_inputs[m]]
+                factor = output_factors.get(m)
+                acc.accumulated[m].add(ref_probe(i, ref_probes.gemm_outputs[m]),
+                                       y_q * factor if factor is not None else y_q)
+                acc.local[m].add(x.astype(np.float32) @ float_weights[m], y_q)
+                if m in q_probes.input_scales:
+                    acc.clipped[m].append(clipped_fraction(x, q_probes.input_scales[m]))
+                for key, value in ((f"{m}/activation_before", ref_probe(i, ref_probes.gemm_inputs[m])),
+                                   (f"{m}/activation_after", x)):
+                    acc.channels[key] = np.maximum(acc.channels.get(key, 0.0), channel_absmax(value))
+            for layer in q_probes.block_outputs:
+                acc.blocks[layer].add(ref_probe(i, ref_probes.block_outputs[layer]), got[q_probes.block_outputs[layer]])
+            del got  # the next window's probes need the room
     saved.clear()  # a later pass with fewer probes would leave this one's extra files behind
 
 
