@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from calibration.architectures import ArchitectureSpec
-from calibration.quant import activation_scale, fake_quant_activation, fake_quant_weight
+from calibration.gptq import rtn
+from calibration.quant import activation_codes, activation_scale
 from calibration.smoothing import consumer_factor, group_absmax, layer_groups, smoothing_factors
 from calibration.stats import run_windows
 
@@ -31,11 +32,17 @@ def quantized_output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torc
     x: [tokens, in] float inputs; weights: the consumers' unsmoothed [out, in] weights; act_absmax: per-channel
     calibration absmax of x (fixes the per-tensor scale of X / s); targets: (x @ w.T, its squared norm) per weight
     when already known (they do not depend on s, so a search computes them once: output_targets).
+
+    The quantized product is computed as the exported MatMulInteger computes it: int8 codes times int8 codes,
+    accumulated exactly in int32, then times both scales. This GEMM is the search's whole cost, and on CPU the
+    integer one runs ~4x faster than the float GEMM of the dequantized operands.
     """
-    xq = fake_quant_activation(x / s, activation_scale(float((act_absmax / s).max())))
+    x_scale = activation_scale(float((act_absmax / s).max()))
+    x_codes = activation_codes(x / s, x_scale).to(torch.int8)
     error = 0.0
     for w, (y, energy) in zip(weights, targets if targets is not None else output_targets(x, weights)):
-        y_q = xq @ fake_quant_weight(w * s[None, :]).T
+        w_q = rtn(w * s[None, :], 8, -1, fp16_scales=False)  # per output channel: scales [out, 1]
+        y_q = torch._int_mm(x_codes, w_q.codes.T).float().mul_(w_q.scales.T * x_scale)
         error += float(y_q.sub_(y).square_().sum() / energy)  # in place: y_q is the largest temporary here
     return error
 

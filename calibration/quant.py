@@ -31,9 +31,14 @@ def activation_scale(absmax: float) -> float:
     return float(absmax) / QMAX
 
 
+def activation_codes(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Q, as ONNX QuantizeLinear computes it (round half to even, saturate), as floats holding the integer codes."""
+    return torch.div(x, scale).round_().clamp_(QMIN_ACT, QMAX)  # in place on one new tensor
+
+
 def fake_quant_activation(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Q then DQ, as ONNX QuantizeLinear/DequantizeLinear compute it (round half to even, saturate)."""
-    return torch.div(x, scale).round_().clamp_(QMIN_ACT, QMAX).mul_(scale)  # in place on one new tensor
+    """Q then DQ."""
+    return activation_codes(x, scale).mul_(scale)
 
 
 @dataclass(frozen=True)
