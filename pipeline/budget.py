@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from calibration.gptq import QuantizedWeight
 from calibration.quant import QuantPlan, fake_quantized, keep_float
 from calibration.smoothing import layer_groups
 from pipeline.accuracy_target import METRICS, PERPLEXITY_BOUND, Target
@@ -89,8 +90,8 @@ def judged_key(target: Target) -> str:
 
 
 def fit_budget(model: torch.nn.Module, spec, plan: QuantPlan, holdout: np.ndarray, batch_size: int,
-               target: Target, dequantized: dict[str, torch.Tensor]) -> tuple[QuantPlan, dict]:
-    """`model` holds the smoothed float weights of `plan`; `dequantized` the integer weights the plan will export,
+               target: Target, weights: dict[str, QuantizedWeight]) -> tuple[QuantPlan, dict]:
+    """`model` holds the smoothed float weights of `plan`; `weights` the integer weights the plan will export,
     so every candidate is judged with exactly the weights it would ship. Returns the plan with float units, and
     the evidence."""
     judge = HoldoutJudge(model, holdout, batch_size)
@@ -98,7 +99,7 @@ def fit_budget(model: torch.nn.Module, spec, plan: QuantPlan, holdout: np.ndarra
 
     def score(float_units: list[str]) -> dict:
         reasons = {n: "accuracy budget" for u in float_units for n in units[u]}
-        with fake_quantized(model, keep_float(plan, reasons), dequantized):
+        with fake_quantized(model, keep_float(plan, reasons), weights):
             return judge.score()
 
     quantized, key = score([]), judged_key(target)

@@ -255,8 +255,7 @@ def _fit_budget(run: Run, model, spec, plan: QuantPlan, weights: dict[str, Quant
     with torch.no_grad():
         for name, weight in float_weights.items():
             model.get_submodule(name).weight.copy_(weight)
-    dequantized = {n: q.dequantize() for n, q in weights.items()}
-    plan, evidence = fit_budget(model, spec, plan, holdout, run.config.calibration.batch_size, target, dequantized)
+    plan, evidence = fit_budget(model, spec, plan, holdout, run.config.calibration.batch_size, target, weights)
     if not evidence["met"]:
         log.warning("quantize: accuracy budget %s NOT met on the holdout (%s); the plan keeps %d groups float",
                     target, target.describe(evidence["final"][evidence["judged_by"]]), len(evidence["kept_float"]))
@@ -431,15 +430,6 @@ def generation_check(side: TorchSide, reference: list[list[int]], quantized: lis
                         for text, r, q in zip(verify.GENERATION_PROMPTS, reference, quantized)]}
 
 
-@torch.no_grad()
-def dequantize_in_place(model, weights: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    """Overwrite each quantized linear's float weight with its dequantized integer weight, in its own storage, and
-    return those weights by module: the simulation then never holds the linears twice (425 MB for SmolLM2)."""
-    for name, q in weights.items():
-        model.get_submodule(name).weight.copy_(q.dequantize())
-    return {name: model.get_submodule(name).weight for name in weights}
-
-
 def layerwise_inputs(run: Run, model, plan: QuantPlan, folder: Path) -> tuple[SavedArrays, dict[str, np.ndarray]]:
     """What the layer-wise diff needs besides the graphs (`model`: the smoothed float model): each quantized
     linear's float weight in MatMul layout, saved in `folder` and read back one at a time (the whole model can then
@@ -498,8 +488,7 @@ def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path) -
     release_memory()
     model, _ = smoothed_model(run)
     layerwise = layerwise_inputs(run, model, plan, folder / "weights")  # the float weights, before they are replaced
-    dequantized = dequantize_in_place(model, load_quantized(run.path(WEIGHTS)))
-    with fake_quantized(model, plan, dequantized):
+    with fake_quantized(model, plan, load_quantized(run.path(WEIGHTS))):
         noise_floor = verify.save_simulation_logits(model, windows, logits, "simulated")
     return TorchSide(logits, layerwise, noise_floor, tokenizer, prompts, greedy_tokens, stops)
 

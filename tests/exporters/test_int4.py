@@ -60,7 +60,7 @@ def test_onnx_runtime_matches_the_dequantized_pytorch_model(exported):
     _, model, weights, plan, graphs = exported
     ids = random_windows(3, 32, seed=5)
     onnx_logits = OnnxDecoder(graphs[torch.float32][1]).prefill_logits(ids)
-    with fake_quantized(model, plan, {n: w.dequantize() for n, w in weights.items()}), torch.no_grad():
+    with fake_quantized(model, plan, weights), torch.no_grad():
         torch_logits = model(input_ids=torch.from_numpy(ids)).logits.numpy()
     assert np.abs(onnx_logits - torch_logits).max() < 1e-4
     cos = (onnx_logits * torch_logits).sum(-1) / np.linalg.norm(onnx_logits, axis=-1) / np.linalg.norm(torch_logits, axis=-1)
