@@ -78,15 +78,12 @@ def estimate_ranges(model: torch.nn.Module, absmax: dict[str, float], windows: n
     return {name: o.result() for name, o in observers.items()}
 
 
-@torch.no_grad()
-def observed_absmax(model: torch.nn.Module, names: list[str], windows: np.ndarray, batch_size: int) -> dict[str, float]:
-    """Linear name -> absmax of its input over `windows`, for inputs whose calibration statistics cannot give it
-    (a rotation mixes the channels the per-channel absmax was taken over)."""
-    found = dict.fromkeys(names, 0.0)
+class TensorAbsmax:
+    """observe(name, x) for observe_inputs: max|x| of each linear's input, for inputs whose calibration statistics
+    cannot give it (a rotation mixes the channels the per-channel absmax was taken over)."""
 
-    def observe(name: str, x: torch.Tensor) -> None:
-        found[name] = max(found[name], float(x.abs().max()))
+    def __init__(self):
+        self.absmax: dict[str, float] = {}
 
-    observe_inputs(model, {n: model.get_submodule(n) for n in names}, windows, batch_size, observe,
-                   "ranges of the rotated inputs")
-    return found
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        self.absmax[name] = max(self.absmax.get(name, 0.0), float(x.abs().max()))

@@ -10,10 +10,11 @@ import torch
 
 from calibration.architectures import ArchitectureSpec
 from calibration.quant import QuantPlan, build_plan
-from calibration.ranges import estimate_ranges, observed_absmax
+from calibration.ranges import TensorAbsmax, estimate_ranges
 from calibration.rotation import resolved_block, rotate_inputs
 from calibration.smoothing import apply_factors, compute_factors, consumer_factors, layer_groups
-from calibration.stats import decoder_layers, quantizable_linears
+from calibration.stats import decoder_layers, observe_inputs, quantizable_linears
+from calibration.weight_clip import InputPower
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,19 @@ def consumer_alphas(model: torch.nn.Module, spec: ArchitectureSpec, alphas: dict
             for c in group.consumers}
 
 
+@dataclass(frozen=True)
+class Smoothed:
+    factors: dict[str, torch.Tensor]  # smoothing group key -> s
+    plan: QuantPlan
+    input_power: dict[str, torch.Tensor] | None  # linear -> E[x_j^2] of its smoothed inputs, when asked for
+
+
 @torch.no_grad()
 def smooth_and_plan(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict[str, torch.Tensor], recipe: Recipe,
-                    range_windows: np.ndarray, batch_size: int,
-                    float_modules: dict[str, str]) -> tuple[dict[str, torch.Tensor], QuantPlan]:
-    """Smooth `model` in place; return the factors (group key -> s) and the plan for the smoothed weights."""
+                    range_windows: np.ndarray, batch_size: int, float_modules: dict[str, str],
+                    input_power: bool = False) -> Smoothed:
+    """Smooth `model` in place; return the factors, the plan for the smoothed weights and, with input_power, every
+    quantizable linear's input power on `range_windows` (weight clipping's weights, calibration/weight_clip.py)."""
     factors = compute_factors(model, spec, absmax, recipe.alphas) if recipe.alphas else {}
     input_factors = consumer_factors(model, spec, factors)
     apply_factors(model, spec, factors)
@@ -47,15 +56,29 @@ def smooth_and_plan(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict
     block = resolved_block(recipe.rotation_block, [model.get_submodule(n).in_features for n in rotatable])
     rotated = rotatable if block else []
     rotate_inputs(model, rotated, block)
-    # The calibration absmax is per channel before the rotation mixes channels: observe the rotated inputs.
-    smoothed_absmax.update(observed_absmax(model, rotated, range_windows, batch_size) if rotated else {})
+    # The calibration absmax is per channel before the rotation mixes channels: observe the rotated inputs, in the
+    # same pass as the input power (each pass over the windows costs as much as a forward of them).
+    rotated_absmax, power = TensorAbsmax(), InputPower() if input_power else None
+    linears = quantizable_linears(model, spec)
+    watched = linears if power is not None else {n: linears[n] for n in rotated}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        if name in rotated:
+            rotated_absmax(name, x)
+        if power is not None:
+            power(name, x)
+
+    if watched:
+        observe_inputs(model, watched, range_windows, batch_size, observe,
+                       " and ".join(what for what, wanted in (("ranges of the rotated inputs", rotated),
+                                                              ("input power for weight clipping", power)) if wanted))
+    smoothed_absmax.update(rotated_absmax.absmax)
     ranges = estimate_ranges(model, smoothed_absmax, range_windows, recipe.range_estimator, recipe.percentile,
                              batch_size)
-    plan = build_plan(quantizable_linears(model, spec), ranges, input_factors,
-                      consumer_alphas(model, spec, recipe.alphas), recipe.alpha_label, recipe.range_estimator,
-                      recipe.include, recipe.skip, float_modules)
+    plan = build_plan(linears, ranges, input_factors, consumer_alphas(model, spec, recipe.alphas), recipe.alpha_label,
+                      recipe.range_estimator, recipe.include, recipe.skip, float_modules)
     modules = tuple(replace(m, rotation_block=block) if m.name in rotated else m for m in plan.modules)
-    return factors, replace(plan, modules=modules)
+    return Smoothed(factors, replace(plan, modules=modules), power.result() if power is not None else None)
 
 
 def rotatable_linears(model: torch.nn.Module, spec: ArchitectureSpec) -> list[str]:

@@ -9,11 +9,9 @@ search (Model Optimizer's and Banner et al.'s weight MSE) would clip exactly tho
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from calibration.gptq import QuantizedWeight, code_range, group_scales, quantize_columns
-from calibration.stats import observe_inputs
 
 CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))  # 1.00 .. 0.50
 
@@ -44,16 +42,16 @@ def clipped_int8(weight: torch.Tensor, input_power: torch.Tensor,
     return QuantizedWeight(codes.to(torch.int8), scales, 8, weight.shape[1]), best.float()
 
 
-@torch.no_grad()
-def input_power(model: torch.nn.Module, names: list[str], windows: np.ndarray, batch_size: int) -> dict[str, torch.Tensor]:
-    """Linear name -> E[x_j^2] per input channel of its (smoothed, float) inputs over `windows`."""
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
+class InputPower:
+    """observe(name, x) for observe_inputs: E[x_j^2] per input channel of each linear's (smoothed, float) inputs."""
 
-    def observe(name: str, x: torch.Tensor) -> None:
-        sums[name] = sums.get(name, 0) + x.double().pow(2).sum(dim=0)
-        rows[name] = rows.get(name, 0) + x.shape[0]
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
 
-    observe_inputs(model, {n: model.get_submodule(n) for n in names}, windows, batch_size, observe,
-                   "input power for weight clipping")
-    return {n: (sums[n] / rows[n]).float() for n in names}
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0) + x.double().pow(2).sum(dim=0)
+        self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {n: (total / self.rows[n]).float() for n, total in self.sums.items()}

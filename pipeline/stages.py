@@ -25,7 +25,7 @@ from calibration.data_check import check_windows
 from calibration.gptq import QuantizedWeight, load_quantized, save_quantized
 from calibration.layer_stream import streamed_input_absmax
 from calibration.quant import QuantPlan, check_patterns, fake_quantized
-from calibration.recipe import apply_rotations, smooth_and_plan
+from calibration.recipe import Smoothed, apply_rotations, smooth_and_plan
 from calibration.smoothing import apply_factors
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
 from exporters.gptq_checkpoint import quantization_config, write_checkpoint
@@ -38,7 +38,7 @@ from pipeline.config import RunConfig, digest
 from pipeline.memory import (STREAMED_STAGES, ModelShape, available_bytes, describe_peaks, estimate_peaks,
                             release_memory)
 from pipeline.streamed import streamed_quantize
-from pipeline.weights import FLOAT_MODULES, integer_weights
+from pipeline.weights import FLOAT_MODULES, clips_weights, integer_weights
 from trt_builder import BuildError
 
 if TYPE_CHECKING:
@@ -218,28 +218,30 @@ def _quantize_in_memory(run: Run, windows) -> tuple[dict, QuantPlan, dict, dict[
     model, _, spec = run.model()
     check_patterns(list(quantizable_linears(model, spec)), cfg.include, cfg.skip)
     if cfg.recipe.int8_activations:
-        factors, plan, choice = _smoothquant(run, model, spec, windows)
+        smoothed, choice = _smoothquant(run, model, spec, windows)
+        factors, plan, power = smoothed.factors, smoothed.plan, smoothed.input_power
     else:
-        factors, plan, choice = {}, None, tuning.weight_only_choice(cfg)
+        factors, plan, power, choice = {}, None, None, tuning.weight_only_choice(cfg)
     float_weights = _linear_weights(model, spec) if cfg.accuracy_budget is not None else None
     weights, plan = integer_weights(model, spec, plan, cfg, windows["calibration"],
-                                    run.config.calibration.batch_size, _imported_weights(run, model, spec))
+                                    run.config.calibration.batch_size, _imported_weights(run, model, spec),
+                                    input_power=power)
     if cfg.accuracy_budget is not None:
         plan = _fit_budget(run, model, spec, plan, weights, float_weights, windows["holdout"])
         weights = {m.name: weights[m.name] for m in plan.quantized()}
     return factors, plan, choice, weights
 
 
-def _smoothquant(run: Run, model, spec, windows):
-    """Smooth `model` in place and plan the W8A8 activations (alpha choice, ranges)."""
+def _smoothquant(run: Run, model, spec, windows) -> tuple[Smoothed, dict]:
+    """Smooth `model` in place and plan the W8A8 activations (alpha choice, ranges); the alpha choice."""
     cfg = run.config.quant
     absmax = load_stats(run.path(STATS))
     batch = run.config.calibration.batch_size
     alphas, choice = tuning.choose_alphas(model, lambda: run.model()[0], spec, absmax, cfg, windows["calibration"],
                                           windows["holdout"], batch, FLOAT_MODULES)
-    factors, plan = smooth_and_plan(model, spec, absmax, tuning.recipe_for(cfg, alphas, cfg.alpha),
-                                    windows["calibration"][: cfg.search_windows], batch, FLOAT_MODULES)
-    return factors, plan, choice
+    smoothed = smooth_and_plan(model, spec, absmax, tuning.recipe_for(cfg, alphas, cfg.alpha),
+                               windows["calibration"][: cfg.search_windows], batch, FLOAT_MODULES, clips_weights(cfg))
+    return smoothed, choice
 
 
 def _linear_weights(model, spec) -> dict[str, torch.Tensor]:

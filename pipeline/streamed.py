@@ -23,7 +23,7 @@ from calibration.quant import QuantPlan
 from calibration.recipe import smooth_and_plan
 from pipeline import tuning
 from pipeline.config import QuantConfig
-from pipeline.weights import FLOAT_MODULES, integer_weights
+from pipeline.weights import FLOAT_MODULES, clips_weights, integer_weights
 
 
 def streamed_quantize(reader: WeightReader, spec: ArchitectureSpec, cfg: QuantConfig, absmax: dict[str, torch.Tensor],
@@ -37,16 +37,17 @@ def streamed_quantize(reader: WeightReader, spec: ArchitectureSpec, cfg: QuantCo
     quantized_hidden = hidden.copy(scratch / "quantized_hidden.f32") if gptq else hidden
     factors, spilled, plans, choices = {}, [], [], []
     for model in layer_windows(reader, spec, "quantizing layer by layer"):
-        plan = None
+        plan = power = None
         if cfg.recipe.int8_activations:
             alphas, choice = tuning.choose_alphas(model, None, spec, absmax, cfg, hidden, None, batch, FLOAT_MODULES)
-            layer_factors, plan = smooth_and_plan(model, spec, absmax, tuning.recipe_for(cfg, alphas, cfg.alpha),
-                                                  hidden[: cfg.search_windows], batch, FLOAT_MODULES)
-            factors.update(layer_factors)
+            smoothed = smooth_and_plan(model, spec, absmax, tuning.recipe_for(cfg, alphas, cfg.alpha),
+                                       hidden[: cfg.search_windows], batch, FLOAT_MODULES, clips_weights(cfg))
+            factors.update(smoothed.factors)
+            plan, power = smoothed.plan, smoothed.input_power
             choices.append(choice)
         float_layer = copy.deepcopy(model) if gptq else model  # GPTQ replaces the window's weights in place
         layer_weights, plan = integer_weights(model, spec, plan, cfg, quantized_hidden, batch, None,
-                                              hidden if gptq else None)
+                                              hidden if gptq else None, power)
         spilled.append(scratch / f"{len(spilled)}.safetensors")
         save_quantized(layer_weights, spilled[-1])
         plans.append(plan)

@@ -66,8 +66,8 @@ def choose_alphas(model: torch.nn.Module, fresh_model, spec, absmax: dict[str, t
     scores = {}
     for alpha in tqdm(cfg.alpha_grid, desc="scoring alpha grid on holdout", unit="alpha"):
         candidate = fresh_model()
-        _, plan = smooth_and_plan(candidate, spec, absmax, recipe_for(cfg, uniform_alpha(candidate, spec, alpha), alpha),
-                                  search, batch_size, float_modules)
+        plan = smooth_and_plan(candidate, spec, absmax, recipe_for(cfg, uniform_alpha(candidate, spec, alpha), alpha),
+                               search, batch_size, float_modules).plan
         with fake_quantized(candidate, plan):
             scores[alpha] = torch_perplexity(candidate, holdout, batch_size)
         log.info("alpha %.2f: holdout perplexity %.4f (%+.2f%%)", alpha, scores[alpha], 100 * (scores[alpha] / reference - 1))

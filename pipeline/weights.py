@@ -11,20 +11,25 @@ from calibration.gptq import QuantizedWeight, rtn
 from calibration.quant import QuantPlan, select_modules, weight_only_plan
 from calibration.sequential import GptqSettings, LinearOutcome, gptq_sequential
 from calibration.stats import quantizable_linears
-from calibration.weight_clip import clipped_int8, input_power
+from calibration.weight_clip import clipped_int8
 from pipeline.config import QuantConfig
 
 # Kept float by default: the embedding is a lookup (no GEMM) and the vocab projection is the most sensitive GEMM.
 FLOAT_MODULES = {"model.embed_tokens": "embedding lookup, kept float", "lm_head": "vocab projection, kept float"}
 
 
+def clips_weights(cfg: QuantConfig) -> bool:
+    """Whether integer_weights clips the round-to-nearest INT8 weights, and so needs smooth_and_plan's input power."""
+    return cfg.weight_clip == "mse" and cfg.recipe.weight_method != "gptq"
+
+
 def integer_weights(model, spec, plan: QuantPlan | None, cfg: QuantConfig, calibration: np.ndarray, batch: int,
-                    imported: dict[str, QuantizedWeight] | None,
-                    float_calibration: np.ndarray | None = None) -> tuple[dict[str, QuantizedWeight], QuantPlan]:
+                    imported: dict[str, QuantizedWeight] | None, float_calibration: np.ndarray | None = None,
+                    input_power: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, QuantizedWeight], QuantPlan]:
     """Integer weights of every linear the plan quantizes (W8A8: per channel, after smoothing; weight-only: the
-    plan is made here from --include/--skip): imported from a GPTQ checkpoint, or by RTN, or by layer-by-layer
-    GPTQ on the calibration windows (token ids, or a layer window's inputs with the float model's beside them
-    in float_calibration)."""
+    plan is made here from --include/--skip): imported from a GPTQ checkpoint, or by RTN (clipped with
+    --weight-clip mse, weighted by input_power: smooth_and_plan's), or by layer-by-layer GPTQ on the calibration
+    windows (token ids, or a layer window's inputs with the float model's beside them in float_calibration)."""
     recipe = cfg.recipe
     int8 = recipe.int8_activations
     names = list(quantizable_linears(model, spec))
@@ -44,8 +49,7 @@ def integer_weights(model, spec, plan: QuantPlan | None, cfg: QuantConfig, calib
     elif method == "gptq":
         outcomes = gptq_sequential(model, spec, set(selected), calibration, batch, settings, float_calibration)
     elif cfg.weight_clip == "mse":
-        power = input_power(model, selected, calibration[: cfg.search_windows], batch)
-        clipped = {n: clipped_int8(model.get_submodule(n).weight, power[n]) for n in selected}
+        clipped = {n: clipped_int8(model.get_submodule(n).weight, input_power[n]) for n in selected}
         outcomes, clip_ratios = {n: c[0] for n, c in clipped.items()}, {n: c[1] for n, c in clipped.items()}
     else:
         outcomes = {n: rtn(model.get_submodule(n).weight, settings.bits, settings.group_size, settings.fp16_scales)

@@ -21,8 +21,8 @@ from tests.conftest import calibrated, export_both_graphs, random_windows, tiny_
 def smoothed_and_planned():
     model = tiny_model()
     spec, linears, absmax = calibrated(model)
-    _, plan = smooth_and_plan(model, spec, absmax, Recipe(uniform_alpha(model, spec, 0.8), 0.8), random_windows(),
-                              4, {"lm_head": "kept float"})
+    plan = smooth_and_plan(model, spec, absmax, Recipe(uniform_alpha(model, spec, 0.8), 0.8), random_windows(), 4,
+                           {"lm_head": "kept float"}).plan
     quantizations = []
     for entry in plan.quantized():
         q = rtn(linears[entry.name].weight, 8, -1, fp16_scales=False)
