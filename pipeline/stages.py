@@ -35,8 +35,8 @@ from pipeline.budget import fit_budget
 from pipeline.artifacts import (TOKENIZER, SavedArrays, StageRecords, atomic_folder, atomic_path, prepare_out,
                                 machine, read_json, scratch_folder, versions, write_json)
 from pipeline.config import RunConfig, digest
-from pipeline.memory import (STREAMED_STAGES, ModelShape, available_bytes, describe_peaks, estimate_peaks,
-                            release_memory)
+from pipeline.memory import (STREAMED_STAGES, WEIGHT_COPIES, ModelShape, available_bytes, describe_peaks,
+                             estimate_peaks, release_memory)
 from pipeline.streamed import streamed_quantize
 from pipeline.weights import FLOAT_MODULES, clips_weights, integer_weights
 from trt_builder import BuildError
@@ -120,11 +120,11 @@ class Run:
 
 def announce_memory(run: Run, stages: tuple[str, ...]) -> None:
     """Before any weight is read: the estimated peak of the stages about to run, and a warning when it exceeds
-    the memory available now."""
+    the memory available now (build has no estimate: it never loads the model, so it never reads its config)."""
+    if not set(stages) & set(WEIGHT_COPIES):
+        return
     shape = ModelShape.of_model(run.source)
     peaks = {s: v for s, v in estimate_peaks(shape, run.config).items() if s in stages}
-    if not peaks:
-        return
     log.info(describe_peaks(shape, peaks, run.config.low_memory))
     available, (stage, peak) = available_bytes(), max(peaks.items(), key=lambda kv: kv[1])
     if available is not None and peak > available:
