@@ -61,30 +61,32 @@ class TensorError:
 
 
 class _MarkedGraph:
-    """A temporary copy of a graph (its weights written once), and for each pass of the diff a session of it with
-    only that pass's probes marked as outputs. A session computes and holds every output it was built with, fetched
-    or not (SmolLM2: ~0.7 GB per graph for all 30 layers' probes), so a session per pass holds a pass's worth;
-    each pass's graph file is the copy's graph alone, pointing into the copy's data file."""
+    """A graph and, for each pass of the diff, a session of it with only that pass's probes marked as outputs. A
+    session computes and holds every output it was built with, fetched or not (SmolLM2: ~0.7 GB per graph for all
+    30 layers' probes), so a session per pass holds a pass's worth. Each pass's graph file is the graph alone,
+    written beside the original as a hidden file so that it points into the original's data file (no copy of the
+    weights); remove() deletes it."""
 
-    def __init__(self, path: Path, modules: list[str], folder: Path):
+    def __init__(self, path: Path, modules: list[str]):
         model = ir.load(path)
         self.probes = find_probes(model, modules)
         # The input-channel absmax of each module's weight as the graph multiplies it (dequantized where quantized).
         self.weight_absmax = {m: np.abs(gemm_weight(model, m)).max(1) for m in modules}
-        folder.mkdir()
-        self.copy, self.marked = folder / path.name, folder / f"marked-{path.name}"
-        ir.save(model, self.copy, external_data=path.name + ".data")
         del model
         release_memory()  # the IR graph holds reference cycles: free its weights before a session copies them
+        self.path, self.marked = path, path.with_name(f".layerwise-marked-{path.name}")
 
     def mark(self, probes: Probes) -> OpenGraph:
-        """A session of the copy fetching `probes`, one pass long: close it (leave its `with`) before the other
+        """A session of the graph fetching `probes`, one pass long: close it (leave its `with`) before the other
         graph's opens, and its arena's memory goes back."""
-        model = ir.load(self.copy)  # its tensors stay in the copy's data file
+        model = ir.load(self.path)  # its tensors stay in the original's data file
         with_outputs(model, probes.names())
         ir.save(model, self.marked)  # external tensors keep their place in that file: only the graph is written
         del model
         return OpenGraph(self.marked)
+
+    def remove(self) -> None:
+        self.marked.unlink(missing_ok=True)
 
 
 def fetch(graph: OpenGraph, window: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
@@ -177,13 +179,16 @@ def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_
     weight in the reference graph ("before") and in the Q/DQ graph ("after": smoothed; weights dequantized),
     measured on the same windows, for the outlier analysis."""
     acc, modules = _Accumulated(), list(float_weights)
-    # Scratch beside the graphs: the marked copies and the saved probes are graph-sized, more than a RAM /tmp holds.
-    with tempfile.TemporaryDirectory(dir=quantized.parent, prefix=".layerwise-") as tmp:
-        marked = [_MarkedGraph(path, modules, Path(tmp) / kind) for kind, path in
-                  (("reference", reference), ("quantized", quantized))]
-        saved = SavedArrays(Path(tmp) / "probes")
-        for pass_modules in layer_passes(modules, LAYERS_PER_PASS):
-            _diff_pass(*marked, pass_modules, windows, float_weights, output_factors, acc, saved)
+    marked = [_MarkedGraph(path, modules) for path in (reference, quantized)]
+    # Scratch beside the graphs: the saved probes are graph-sized, more than a RAM /tmp holds.
+    try:
+        with tempfile.TemporaryDirectory(dir=quantized.parent, prefix=".layerwise-") as tmp:
+            saved = SavedArrays(Path(tmp) / "probes")
+            for pass_modules in layer_passes(modules, LAYERS_PER_PASS):
+                _diff_pass(*marked, pass_modules, windows, float_weights, output_factors, acc, saved)
+    finally:
+        for graph in marked:
+            graph.remove()
     gemms = [{"module": m, "layer": layer_of(m), "local_snr_db": acc.local[m].snr_db(),
               "output_snr_db": acc.accumulated[m].snr_db(), "output_cosine": float(acc.accumulated[m].cosine()),
               "input_clipped_fraction": float(np.mean(acc.clipped[m])) if acc.clipped[m] else None}

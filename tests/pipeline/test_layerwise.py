@@ -70,6 +70,8 @@ def test_the_layerwise_diff_names_the_corrupted_layer(finished, diff_inputs, tmp
     windows, float_weights, factors = diff_inputs
     corrupted = corrupted_copy(finished, tmp_path, initializer, change)
     found, _ = layerwise_diff(finished / stages.REFERENCE, corrupted, windows, float_weights, factors)
+    # Its marked graphs and saved probes are gone from beside both graphs.
+    assert not [*finished.glob(".layerwise*"), *corrupted.parent.glob(".layerwise*")]
     assert found["first_large_error"] == culprit
     row = next(g for g in found["gemms"] if g["module"] == culprit)
     assert row["local_snr_db"] < found["large_error_threshold_db"]
