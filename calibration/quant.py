@@ -141,7 +141,8 @@ class FakeQuantLinear(torch.nn.Module):
     """A Linear computing what the exported Q/DQ MatMul computes.
 
     W8A8 (input_scale given): Q(x) times the per-channel INT8 weight codes, accumulated exactly in int32, then times
-    both scales: ONNX Runtime's MatMulIntegerToFloat, and a third of the float GEMM's time on CPU. Weight-only
+    both scales: ONNX Runtime's MatMulIntegerToFloat, and a third of the float GEMM's time on CPU (torch._int_mm:
+    PyTorch's int8 GEMM, private but the only one it has; torch is pinned). Weight-only
     (input_scale None): the float activation times DQ(W_q), which may be group-wise.
     weight: the integer weight stored by the quantize stage (clipped, GPTQ); default: per-channel INT8
     round-to-nearest of the linear's weight."""
