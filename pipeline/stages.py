@@ -233,7 +233,8 @@ def _quantize_in_memory(run: Run, windows) -> tuple[dict, QuantPlan, dict, dict[
 
 
 def _smoothquant(run: Run, model, spec, windows) -> tuple[Smoothed, dict]:
-    """Smooth `model` in place and plan the W8A8 activations (alpha choice, ranges); the alpha choice."""
+    """Smooth `model` in place and plan the W8A8 activations: the factors, plan and input power (Smoothed), and
+    the alpha choice."""
     cfg = run.config.quant
     absmax = load_stats(run.path(STATS))
     batch = run.config.calibration.batch_size
