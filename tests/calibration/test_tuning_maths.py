@@ -11,7 +11,9 @@ from calibration import CalibrationError
 from calibration.alpha_search import DEFAULT_GRID, coarse_to_fine, lowest, quantized_output_error, search_alphas
 from calibration.quant import FakeQuantLinear, activation_scale
 from calibration.ranges import CLIP_RATIOS, RangeObserver, clipping_errors, percentile_from_histogram
+from calibration.recipe import Recipe, smooth_and_plan
 from calibration.smoothing import apply_factors, compute_factors, consumer_factors, layer_groups, uniform_alpha
+from calibration.stats import observing, quantizable_linears, run_windows
 from tests.conftest import calibrated, random_windows, tiny_model
 
 
@@ -100,3 +102,25 @@ def test_percentile_observer_never_exceeds_the_max_and_unknown_estimators_are_re
     assert 2.9 < observer.result() < 3.0
     with pytest.raises(CalibrationError, match="unknown range estimator 'entropy'"):
         RangeObserver("entropy", 1.0, 99.0)
+
+
+def test_one_pass_over_the_smoothed_model_gives_rotated_ranges_and_every_input_power():
+    """smooth_and_plan observes once for what the calibration statistics cannot give: the rotated inputs' absmax
+    (the plan's range) and weight clipping's E[x_j^2], both of the inputs as the smoothed, rotated weights see them."""
+    model = tiny_model()
+    spec, _, absmax = calibrated(model)
+    windows = random_windows(3)
+    smoothed = smooth_and_plan(model, spec, absmax, Recipe(uniform_alpha(model, spec, 0.8), 0.8, rotation_block=16),
+                               windows, 2, {}, input_power=True)
+    seen = {}
+    with observing(quantizable_linears(model, spec), lambda name, x: seen.setdefault(name, []).append(x)):
+        run_windows(model, windows)  # one batch: an independent pass, batched differently
+    inputs = {name: torch.cat(xs).double() for name, xs in seen.items()}
+    assert set(smoothed.input_power) == set(inputs)
+    for name, x in inputs.items():
+        torch.testing.assert_close(smoothed.input_power[name], x.pow(2).mean(0).float(), rtol=1e-5, atol=0)
+    rotated = [m for m in smoothed.plan.modules if m.rotation_block]
+    assert {m.name.rsplit(".", 1)[-1] for m in rotated} == {"down_proj"}
+    for m in rotated:
+        assert m.input_absmax == pytest.approx(float(inputs[m.name].abs().max()), rel=1e-5)
+    assert smooth_and_plan(tiny_model(), spec, absmax, Recipe({}, 0.0), windows, 2, {}).input_power is None
