@@ -31,7 +31,7 @@ def quantized_output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torc
 
     x: [tokens, in] float inputs; weights: the consumers' unsmoothed [out, in] weights; act_absmax: per-channel
     calibration absmax of x (fixes the per-tensor scale of X / s); targets: (x @ w.T, its squared norm) per weight
-    when already known (they do not depend on s, so a search computes them once: output_targets).
+    when already known (they do not depend on s: a search takes them once, from the consumers' own forward).
 
     The quantized product is computed as the exported MatMulInteger computes it: int8 codes times int8 codes,
     accumulated exactly in int32, then times both scales. This GEMM is the search's whole cost, and on CPU the
@@ -40,15 +40,14 @@ def quantized_output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torc
     x_scale = activation_scale(float((act_absmax / s).max()))
     x_codes = activation_codes(x / s, x_scale).to(torch.int8)
     error = 0.0
-    for w, (y, energy) in zip(weights, targets if targets is not None else output_targets(x, weights)):
+    for w, (y, energy) in zip(weights, targets if targets is not None else with_energy([x @ w.T for w in weights])):
         w_q = rtn(w * s[None, :], 8, -1, fp16_scales=False)  # per output channel: scales [out, 1]
         y_q = torch._int_mm(x_codes, w_q.codes.T).float().mul_(w_q.scales.T * x_scale)
         error += float(y_q.sub_(y).square_().sum() / energy)  # in place: y_q is the largest temporary here
     return error
 
 
-def output_targets(x: torch.Tensor, weights: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    outputs = [x @ w.T for w in weights]
+def with_energy(outputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(y, y.square().sum().clamp(min=1e-30)) for y in outputs]
 
 
@@ -60,13 +59,14 @@ class GroupChoice:
 
 
 @torch.no_grad()
-def best_alpha(x: torch.Tensor, model: torch.nn.Module, prefix: str, group, absmax: dict[str, torch.Tensor],
-               grid: tuple[float, ...]) -> GroupChoice:
+def best_alpha(x: torch.Tensor, outputs: list[torch.Tensor], model: torch.nn.Module, prefix: str, group,
+               absmax: dict[str, torch.Tensor], grid: tuple[float, ...]) -> GroupChoice:
+    """x: the group's input [tokens, in]; outputs: each consumer's float output on it [tokens, out]."""
     weights = [model.get_submodule(f"{prefix}.{c}").weight.float() for c in group.consumers]
     act_per_input = torch.stack([absmax[f"{prefix}.{c}"] for c in group.consumers]).amax(dim=0)
     act, weight = group_absmax(model, prefix, group, absmax)
     x = x.float()
-    targets = output_targets(x, weights)
+    targets = with_energy([y.float() for y in outputs])
 
     def objective(alpha: float) -> float:
         s = consumer_factor(model, group, smoothing_factors(act, weight, alpha))
@@ -102,23 +102,31 @@ def search_alphas(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict[s
                   windows: np.ndarray, grid: tuple[float, ...] = DEFAULT_GRID) -> dict[str, GroupChoice]:
     """Group key -> chosen alpha, from one forward pass of `windows` over the unsmoothed model.
 
-    Each group is searched inside a pre-hook on its first consumer, on that call's inputs, which are then
-    dropped: memory holds one group's activations, not the whole model's. `windows` go in as one batch so the
-    hook sees every search token at once.
+    Each group is searched inside a forward hook, once all its consumers have run on their common input (its
+    producer's output): their outputs are the float targets the search reproduces (computing them again cost a
+    float GEMM per consumer: 4.7 s of SmolLM2's search under a profiler, ~3 s measured without). The model then drops that input and those outputs as it goes on: memory holds one
+    group's activations, not the whole model's. `windows` go in as one batch so the hook sees every search token
+    at once.
     """
     choices: dict[str, GroupChoice] = {}
     groups = list(layer_groups(model, spec))
     progress = tqdm(total=len(groups), desc="searching alpha per group", unit="group")
 
-    def make_hook(prefix, group, key):
-        def hook(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            choices[key] = best_alpha(x, model, prefix, group, absmax, grid)
-            progress.update(1)
+    ran: dict[str, torch.Tensor] = {}  # consumer -> its output, until its group's last consumer has run
+
+    def make_hook(prefix, group, key, consumer):
+        names = [f"{prefix}.{c}" for c in group.consumers]
+
+        def hook(_module, args, output):
+            ran[consumer] = output.reshape(-1, output.shape[-1])
+            if all(n in ran for n in names):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                choices[key] = best_alpha(x, [ran.pop(n) for n in names], model, prefix, group, absmax, grid)
+                progress.update(1)
         return hook
 
-    handles = [model.get_submodule(f"{prefix}.{group.consumers[0]}").register_forward_pre_hook(make_hook(prefix, group, key))
-               for prefix, group, key in groups]
+    handles = [model.get_submodule(name).register_forward_hook(make_hook(prefix, group, key, name))
+               for prefix, group, key in groups for name in (f"{prefix}.{c}" for c in group.consumers)]
     try:
         run_windows(model, windows, logits_to_keep=1)
     finally:
