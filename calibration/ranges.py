@@ -76,14 +76,3 @@ def estimate_ranges(model: torch.nn.Module, absmax: dict[str, float], windows: n
     observe_inputs(model, linears, windows, batch_size, lambda name, x: observers[name].observe(x),
                    f"{estimator} ranges")
     return {name: o.result() for name, o in observers.items()}
-
-
-class TensorAbsmax:
-    """observe(name, x) for observe_inputs: max|x| of each linear's input, for inputs whose calibration statistics
-    cannot give it (a rotation mixes the channels the per-channel absmax was taken over)."""
-
-    def __init__(self):
-        self.absmax: dict[str, float] = {}
-
-    def __call__(self, name: str, x: torch.Tensor) -> None:
-        self.absmax[name] = max(self.absmax.get(name, 0.0), float(x.abs().max()))

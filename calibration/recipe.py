@@ -10,10 +10,10 @@ import torch
 
 from calibration.architectures import ArchitectureSpec
 from calibration.quant import QuantPlan, build_plan
-from calibration.ranges import TensorAbsmax, estimate_ranges
+from calibration.ranges import estimate_ranges
 from calibration.rotation import resolved_block, rotate_inputs
 from calibration.smoothing import apply_factors, compute_factors, consumer_factors, layer_groups
-from calibration.stats import decoder_layers, observe_inputs, quantizable_linears
+from calibration.stats import AbsmaxObserver, decoder_layers, observe_inputs, quantizable_linears
 from calibration.weight_clip import InputPower
 
 
@@ -58,7 +58,7 @@ def smooth_and_plan(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict
     rotate_inputs(model, rotated, block)
     # The calibration absmax is per channel before the rotation mixes channels: observe the rotated inputs, in the
     # same pass as the input power (each pass over the windows costs as much as a forward of them).
-    rotated_absmax, power = TensorAbsmax(), InputPower() if input_power else None
+    rotated_absmax, power = AbsmaxObserver(), InputPower() if input_power else None
     linears = quantizable_linears(model, spec)
     watched = linears if power is not None else {n: linears[n] for n in rotated}
 
@@ -72,7 +72,7 @@ def smooth_and_plan(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict
         observe_inputs(model, watched, range_windows, batch_size, observe,
                        " and ".join(what for what, wanted in (("ranges of the rotated inputs", rotated),
                                                               ("input power for weight clipping", power)) if wanted))
-    smoothed_absmax.update(rotated_absmax.absmax)
+    smoothed_absmax.update({n: float(a.max()) for n, a in rotated_absmax.absmax.items()})
     ranges = estimate_ranges(model, smoothed_absmax, range_windows, recipe.range_estimator, recipe.percentile,
                              batch_size)
     plan = build_plan(linears, ranges, input_factors, consumer_alphas(model, spec, recipe.alphas), recipe.alpha_label,
