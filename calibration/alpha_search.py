@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from calibration.architectures import ArchitectureSpec
 from calibration.gptq import rtn
-from calibration.quant import activation_codes, activation_scale
+from calibration.quant import activation_codes, activation_scale, integer_matmul
 from calibration.smoothing import consumer_factor, group_absmax, layer_groups, smoothing_factors
 from calibration.stats import run_windows
 
@@ -33,16 +33,18 @@ def quantized_output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torc
     calibration absmax of x (fixes the per-tensor scale of X / s); targets: (x @ w.T, its squared norm) per weight
     when already known (they do not depend on s: a search takes them once, from the consumers' own forward).
 
-    The quantized product is computed as the exported MatMulInteger computes it: int8 codes times int8 codes,
-    accumulated exactly in int32, then times both scales. This GEMM is the search's whole cost, and on CPU the
-    integer one runs ~4x faster than the float GEMM of the dequantized operands.
+    The quantized product is computed as the exported MatMulInteger computes it (integer_matmul). This GEMM is the
+    search's whole cost, and on CPU the integer one runs ~4x faster than the float GEMM of the dequantized
+    operands.
     """
+    if targets is None:
+        targets = with_energy([x @ w.T for w in weights])
     x_scale = activation_scale(float((act_absmax / s).max()))
     x_codes = activation_codes(x / s, x_scale).to(torch.int8)
     error = 0.0
-    for w, (y, energy) in zip(weights, targets if targets is not None else with_energy([x @ w.T for w in weights])):
+    for w, (y, energy) in zip(weights, targets):
         w_q = rtn(w * s[None, :], 8, -1, fp16_scales=False)  # per output channel: scales [out, 1]
-        y_q = torch._int_mm(x_codes, w_q.codes.T).float().mul_(w_q.scales.T * x_scale)
+        y_q = integer_matmul(x_codes, w_q.codes.T, w_q.scales[:, 0] * x_scale)
         error += float(y_q.sub_(y).square_().sum() / energy)  # in place: y_q is the largest temporary here
     return error
 
@@ -104,9 +106,9 @@ def search_alphas(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict[s
 
     Each group is searched inside a forward hook, once all its consumers have run on their common input (its
     producer's output): their outputs are the float targets the search reproduces (computing them again cost a
-    float GEMM per consumer: 4.7 s of SmolLM2's search under a profiler, ~3 s measured without). The model then drops that input and those outputs as it goes on: memory holds one
-    group's activations, not the whole model's. `windows` go in as one batch so the hook sees every search token
-    at once.
+    float GEMM per consumer: 4.7 s of SmolLM2's search under a profiler, ~3 s measured without). The model then
+    drops that input and those outputs as it goes on: memory holds one group's activations, not the whole
+    model's. `windows` go in as one batch so the hook sees every search token at once.
     """
     choices: dict[str, GroupChoice] = {}
     groups = list(layer_groups(model, spec))

@@ -35,6 +35,14 @@ def fake_quant_activation(x: torch.Tensor, scale: float) -> torch.Tensor:
     return activation_codes(x, scale).mul_(scale)
 
 
+def integer_matmul(x_codes: torch.Tensor, weight_codes_t: torch.Tensor, output_scales: torch.Tensor) -> torch.Tensor:
+    """int8 codes [tokens, in] times int8 codes [in, out], accumulated exactly in int32, times the per-output scales
+    (input scale x weight scale), as float32 [tokens, out]: what ONNX Runtime's MatMulIntegerToFloat computes, in a
+    third of the float GEMM's time on CPU (torch._int_mm: PyTorch's int8 GEMM, private but the only one it has;
+    torch is pinned)."""
+    return torch._int_mm(x_codes, weight_codes_t).float().mul_(output_scales)
+
+
 @dataclass(frozen=True)
 class ModuleEntry:
     name: str
@@ -140,10 +148,9 @@ def keep_float(plan: QuantPlan, reasons: dict[str, str]) -> QuantPlan:
 class FakeQuantLinear(torch.nn.Module):
     """A Linear computing what the exported Q/DQ MatMul computes.
 
-    W8A8 (input_scale given): Q(x) times the per-channel INT8 weight codes, accumulated exactly in int32, then times
-    both scales: ONNX Runtime's MatMulIntegerToFloat, and a third of the float GEMM's time on CPU (torch._int_mm:
-    PyTorch's int8 GEMM, private but the only one it has; torch is pinned). Weight-only
-    (input_scale None): the float activation times DQ(W_q), which may be group-wise.
+    W8A8 (input_scale given): Q(x) times the per-channel INT8 weight codes (integer_matmul: ONNX Runtime's
+    MatMulIntegerToFloat). Weight-only (input_scale None): the float activation times DQ(W_q), which may be
+    group-wise.
     weight: the integer weight stored by the quantize stage (clipped, GPTQ); default: per-channel INT8
     round-to-nearest of the linear's weight."""
 
@@ -168,7 +175,7 @@ class FakeQuantLinear(torch.nn.Module):
         if self.input_scale is None:
             return torch.nn.functional.linear(x, self.weight, self.bias)
         codes = activation_codes(x.reshape(-1, x.shape[-1]), self.input_scale).to(torch.int8)
-        y = torch._int_mm(codes, self.codes_t).to(x.dtype).mul_(self.output_scales)
+        y = integer_matmul(codes, self.codes_t, self.output_scales).to(x.dtype)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y if self.bias is None else y.add_(self.bias)
 
