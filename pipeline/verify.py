@@ -245,16 +245,18 @@ def stop_tokens(model: torch.nn.Module) -> tuple[int, ...]:
 
 def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """Hugging Face generate(), greedy, exactly new_tokens per prompt: min_new_tokens masks the end-of-sequence
-    tokens until then, as our loop does with Sampling.min_new_tokens, so every prompt compares at full length."""
-    out = []
+    tokens until then, as our loop does with Sampling.min_new_tokens, so every prompt compares at full length.
+    The prompts go in as one left-padded batch (generate() derives positions from the mask): decoding reads every
+    weight once per step whatever the batch, so one batch of 5 takes the time of one prompt (SmolLM2: 2 s, where
+    one prompt at a time took 9.7 s)."""
+    pad = (stop_tokens(model) or (0,))[0]
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                       pad_token_id=(stop_tokens(model) or (0,))[0])
-            out.append(generated[0, len(prompt):].tolist())
-    return out
+        generated = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, pad_token_id=pad)
+    return generated[:, longest:].tolist()
 
 
 def onnx_greedy(graph: OpenGraph, prompts: list[list[int]], new_tokens: int, stops: tuple[int, ...]) -> list[list[int]]:

@@ -44,6 +44,12 @@ def test_greedy_generation_equals_hugging_face_generate(model_and_engine):
         assert ours == hf_greedy(model, prompt, 32) and len(ours) == 32, prompt
 
 
+def test_hugging_face_greedy_of_a_left_padded_batch_equals_each_prompt_alone(model_and_engine):
+    """verify runs its prompts through generate() as one batch; padding must not change a prompt's tokens."""
+    model, _ = model_and_engine
+    assert torch_greedy(model, PROMPTS, 16) == [hf_greedy(model, p, 16) for p in PROMPTS]
+
+
 def test_prefill_then_decode_steps_reproduce_full_prefill_logits(model_and_engine):
     _, engine = model_and_engine
     window = np.random.default_rng(1).integers(0, VOCAB, (2, 12))
