@@ -61,7 +61,7 @@ triton:
 
 # Benchmarks use the shared WikiText-2 protocol (test and benchmark data; the product itself never needs it).
 BENCH_DATA ?= ../shared/data/wikitext2/test.txt
-RECIPES    ?= w8a8,w8a8-naive
+RECIPES    ?= w8a8,w8a8-naive,w4a16-rtn,w4a16-gptq
 bench:
 	$(PY) bench/run.py --model $(MODEL) --calib $(BENCH_DATA) --eval $(BENCH_DATA) --recipes $(RECIPES) \
 	    --calib-windows $(CALIB_WINDOWS) --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN)

@@ -1,7 +1,7 @@
 """`make bench`: what the pipeline costs and what its INT8 graph buys, measured side by side in one run.
 
     python bench/run.py --calib ../shared/data/wikitext2/test.txt --eval ../shared/data/wikitext2/test.txt
-                        [--model smollm2-135m] [--recipes w8a8,w8a8-naive] [--out build/bench]
+                        [--model smollm2-135m] [--recipes w8a8,w8a8-naive,w4a16-rtn,w4a16-gptq] [--out build/bench]
 
 - pipeline: each stage as its own process (wall time, peak RSS), fresh OUT, and the model load alone (first, when
   a GGUF model is converted into a fresh model cache, and cached);
@@ -11,7 +11,8 @@
 - ONNX Runtime CPU latency of the FP32 reference, our INT8 Q/DQ graph and ONNX Runtime's own quantize_static model
   (same reference ONNX, same calibration windows): prefill 1 x 512 and 4 x 128, decode step with the KV cache;
   ONNX Runtime's profiler says which kernels ran the quantized MatMuls;
-- accuracy rows for each recipe (perplexity on the evaluation windows).
+- accuracy rows for each recipe (perplexity on the evaluation windows); the recipes after the first run as one
+  `python -m pipeline engine` process each, on the first one's calibration.
 Writes bench/results/bench.json and bench.md (or --results DIR). Ratios are the figures to quote.
 """
 
@@ -79,6 +80,25 @@ def run_pipeline(args, out: Path, recipe: str) -> dict:
         stages[stage] = timed_process(["-m", "pipeline", stage, *pipeline_args(args, out, recipe)])
     report = json.loads((out / "report.json").read_text())
     return {"stages": stages, "report": report}
+
+
+# What the calibrate stage leaves in OUT. Its key hashes the model and the calibration options only, so another
+# recipe's OUT seeded with these skips it (the pipeline's own resume check, file hashes included).
+CALIBRATION_FILES = ("windows.npz", "calibration_stats.safetensors", "stages/calibrate.json", "manifest.json")
+
+
+def run_recipe(args, out: Path, recipe: str, calibrated: Path) -> dict:
+    """An accuracy row: the whole pipeline (`python -m pipeline engine`, one process) on the calibration the timed
+    recipe saved in `calibrated`."""
+    shutil.rmtree(out, ignore_errors=True)
+    for name in CALIBRATION_FILES:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(calibrated / name, out / name)
+    print(f"bench: {recipe}: engine (calibration of {calibrated.name} reused)", flush=True)
+    run = timed_process(["-m", "pipeline", "engine", *pipeline_args(args, out, recipe)])
+    # copy2 kept the timestamp; a calibrate stage that ran would have written (renamed) a new file
+    reused = (out / "windows.npz").stat().st_mtime_ns == (calibrated / "windows.npz").stat().st_mtime_ns
+    return {"engine": run, "calibration_reused": reused, "report": json.loads((out / "report.json").read_text())}
 
 
 def low_memory_stages(args, out: Path, recipe: str, whole: Path) -> dict:
@@ -170,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--recipes", default="w8a8,w8a8-naive",
+    parser.add_argument("--recipes", default="w8a8,w8a8-naive,w4a16-rtn,w4a16-gptq",
                         help=f"comma-separated, first one is timed stage by stage: {', '.join(RECIPE_ARGS)}")
     parser.add_argument("--out", default="build/bench")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
@@ -186,8 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     os.environ[CACHE_ENV] = str(cache)  # inherited by every stage process: they load as `make engine` does
     first_load = load_only(args.model)
-    runs = {recipe: run_pipeline(args, root / recipe, recipe) for recipe in recipes}
     main_out = root / recipes[0]
+    runs = {recipes[0]: run_pipeline(args, main_out, recipes[0])}
+    runs.update({recipe: run_recipe(args, root / recipe, recipe, main_out) for recipe in recipes[1:]})
     result = {"command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "machine": machine(), "recipes": recipes,
               "load": {"first": first_load, "cached": load_only(args.model)},
@@ -214,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["integer_kernels"] = {label: latency.kernel_census(path, off) for label, (path, off) in graphs.items()
                                  if label != "reference FP32"}
     result["accuracy"] = {recipe: runs[recipe]["report"]["accuracy"] for recipe in recipes}
+    result["recipe_runs"] = {recipe: {k: v for k, v in runs[recipe].items() if k != "report"} for recipe in recipes[1:]}
     result["accuracy"]["ORT quantize_static"] = static["accuracy"]
     result["targets"] = targets.evaluate(result)
     result["total_seconds"] = time.perf_counter() - started
