@@ -82,9 +82,10 @@ def run_pipeline(args, out: Path, recipe: str) -> dict:
     return {"stages": stages, "report": report}
 
 
-# What the calibrate stage leaves in OUT. Its key hashes the model and the calibration options only, so another
-# recipe's OUT seeded with these skips it (the pipeline's own resume check, file hashes included).
-CALIBRATION_FILES = ("windows.npz", "calibration_stats.safetensors", "stages/calibrate.json", "manifest.json")
+# What the calibrate stage leaves in OUT (and its manifest entry). Its key hashes the model and the calibration
+# options only, so another recipe's OUT seeded with these skips it (the pipeline's own resume check, file hashes
+# included).
+CALIBRATION_FILES = ("windows.npz", "calibration_stats.safetensors", "stages/calibrate.json")
 
 
 def run_recipe(args, out: Path, recipe: str, calibrated: Path) -> dict:
@@ -94,6 +95,9 @@ def run_recipe(args, out: Path, recipe: str, calibrated: Path) -> dict:
     for name in CALIBRATION_FILES:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(calibrated / name, out / name)
+    manifest = json.loads((calibrated / "manifest.json").read_text())  # without the timed recipe's later stages
+    manifest["stages"] = {"calibrate": manifest["stages"]["calibrate"]}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"bench: {recipe}: engine (calibration of {calibrated.name} reused)", flush=True)
     run = timed_process(["-m", "pipeline", "engine", *pipeline_args(args, out, recipe)])
     # copy2 kept the timestamp; a calibrate stage that ran would have written (renamed) a new file

@@ -26,6 +26,8 @@ def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus, monke
     assert set(r["accuracy"]) == {"w8a8", "w4a16-rtn", "ORT quantize_static"}
     # the second recipe ran on the first one's calibration, not a calibration of its own
     assert r["recipe_runs"]["w4a16-rtn"]["calibration_reused"] and r["recipe_runs"]["w4a16-rtn"]["engine"]["seconds"] > 0
+    manifest = json.loads((tmp_path / "out" / "w4a16-rtn" / "manifest.json").read_text())
+    assert manifest["config"]["quant"]["scheme"] == "w4a16-rtn" and manifest["stages"]["verify"]["status"] == "done"
     assert set(r["latency"]["smoothtrt W8A8"]) == {"prefill 1x512", "prefill 4x128", "decode step (KV cache)"}
     measured = [t for t in r["targets"] if t["measured"] is not None]
     assert len(measured) == 10 and all(t["met"] in (True, False) for t in measured)
