@@ -23,9 +23,9 @@ def clipping_errors(weight: torch.Tensor, input_power: torch.Tensor, ratios: tup
     base = group_scales(weight, 8, -1, fp16_scales=False).double()  # [rows, 1]
     power = input_power.double()
     lo, hi = code_range(8)
-    errors = []
-    for r in ratios:  # in place: the weight-sized temporaries, not the arithmetic, are what this costs
-        diff = torch.div(w, base * r).round_().clamp_(lo, hi).mul_(base).mul_(r).sub_(w)
+    errors, diff = [], torch.empty_like(w)
+    for r in ratios:  # in one buffer: the weight-sized temporaries, not the arithmetic, are what this costs
+        torch.div(w, base * r, out=diff).round_().clamp_(lo, hi).mul_(base).mul_(r).sub_(w)
         errors.append(diff.square_().mul_(power).sum(dim=1))
     return torch.stack(errors, dim=1)
 
@@ -50,7 +50,7 @@ class InputPower:
         self.rows: dict[str, int] = {}
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
-        self.sums[name] = self.sums.get(name, 0) + x.double().pow(2).sum(dim=0)
+        self.sums[name] = self.sums.get(name, 0) + x.double().square_().sum(dim=0)
         self.rows[name] = self.rows.get(name, 0) + x.shape[0]
 
     def result(self) -> dict[str, torch.Tensor]:

@@ -12,11 +12,11 @@ An estimate, not a bound: the bench prints it next to the measured peak RSS.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 from dataclasses import dataclass
 
+from calibration.heap import glibc, trim_heap
 from pipeline.config import RunConfig
 
 GB = 1e9
@@ -24,12 +24,13 @@ RUNTIME_BYTES = 0.45e9  # Python, torch, transformers, onnx (importing the pipel
 # Copies of the FP32 weights each in-memory stage holds at its peak, beyond the runtime and the activations (SmolLM2,
 # 0.54 GB of weights, each stage its own process; `make bench` at 6e1be48, 7528780, 2ae8d9a, 9e176b2, 6e2828d,
 # 5bc5148, b535a85 and fa3e7c5, and single stages on the machine of 6e2828d: calibrate 1.09-2.19 GB, quantize
-# 1.17-2.65 GB, export 1.67-2.09 GB, verify 1.83-2.00 GB since 6e2828d). Calibrate and quantize hold one model, but
-# under glibc's default allocator their freed activation buffers can stay in a fragmented heap: the estimate takes
-# the upper end of each spread, since it exists to warn before memory runs out. Export: the traced model and the copy
+# 1.17-2.65 GB before its passes trimmed glibc's heap per linear and 1.19-1.34 GB since, export 1.67-2.09 GB, verify
+# 1.83-2.00 GB since 6e2828d). Calibrate and quantize hold one model, but under glibc's default allocator calibrate's
+# freed activation buffers can stay in a fragmented heap: the estimate takes the upper end of each spread, since it
+# exists to warn before memory runs out. Export: the traced model and the copy
 # the exporter's shape inference makes of its parameters; verify: its largest ONNX Runtime session (the FP16 Q/DQ
 # graph's: 0.97 GB alone after two SmolLM2 windows on CPU).
-WEIGHT_COPIES = {"calibrate": 3.0, "quantize": 3.6, "export": 2.9, "verify": 2.8}
+WEIGHT_COPIES = {"calibrate": 3.0, "quantize": 1.2, "export": 2.9, "verify": 2.8}
 STREAMED_STAGES = ("calibrate", "quantize")  # the stages --low-memory runs layer by layer
 
 
@@ -81,8 +82,10 @@ def estimate_peaks(shape: ModelShape, config: RunConfig) -> dict[str, float]:
     active = {stage: batch for stage in WEIGHT_COPIES}
     active["quantize"] = activation_bytes(shape, quant.search_windows, cal.seq_len) if searched else batch
     peaks = {stage: RUNTIME_BYTES + copies * shape.fp32_bytes + active[stage] for stage, copies in WEIGHT_COPIES.items()}
+    gptq = quant.recipe.weight_method == "gptq"
+    if gptq:  # beside the model: one layer's inputs for every calibration window, quantized and float
+        peaks["quantize"] += 4 * 2 * cal.windows * cal.seq_len * shape.hidden
     if config.low_memory:
-        gptq = quant.recipe.weight_method == "gptq"
         # The hidden states wait on disk; in memory: one batch of them, the search's windows, and with GPTQ its
         # layer's inputs, quantized and float, as batch lists.
         held = {"calibrate": cal.batch_size,
@@ -121,15 +124,13 @@ def map_large_blocks() -> None:
     back to the operating system when freed: what --low-memory runs under. glibc's default threshold rises after
     each such free, up to 32 MB, and larger-than-1 MB tensors then come from the heap, where fragmentation can keep
     what they freed: --low-memory calibrate on SmolLM2 peaked anywhere from 738 to 1,540 MB across 8 runs, and at
-    689 MB with the threshold fixed. The price is a page fault per page of every large buffer (quantize 116 s
-    instead of 77 s), so in-memory runs, whose peak is verify's either way, keep glibc's default
-    (docs/RESULTS.md). A user's own MALLOC_MMAP_THRESHOLD_ wins; not glibc: no-op."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
-    except (OSError, AttributeError):
-        pass
+    689 MB with the threshold fixed. The price is a page fault per page of every large buffer (SmolLM2 quantize
+    86 s instead of 51 s), so in-memory runs keep glibc's default and trim its heap per linear in the passes that
+    fragmented it (calibration/heap.py; docs/RESULTS.md). A user's own MALLOC_MMAP_THRESHOLD_ wins; not glibc:
+    no-op."""
+    libc = glibc()
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
 
 
 def release_memory() -> None:
@@ -137,7 +138,4 @@ def release_memory() -> None:
     graph's protobuf buffers are freed in pieces glibc keeps for reuse, so without this each graph's peak would
     stack on the previous one's."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator decides
-        pass
+    trim_heap()
