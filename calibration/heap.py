@@ -2,9 +2,10 @@
 
 glibc serves blocks under its mmap threshold (which rises to 32 MB after the first large free) from a heap that
 only shrinks from the top. A pass that allocates tens of MB of temporaries per linear between buffers that live on
-(the forward's activations, the integer codes it keeps) leaves holes that stay resident, and how many depends on the
-order the threads happened to free in: the same SmolLM2 quantize peaked at 1.2 GB in one run and 2.5 GB in the next
-(docs/RESULTS.md, "Quantize's peak"). malloc_trim(0) returns every free page, holes included.
+(the forward's activations, the integer codes it keeps) leaves holes that stay resident, and how many differs from run
+to run (not with the hash seed; no tensor was held by a reference cycle): the same SmolLM2 quantize peaked at 1.3 GB
+in one run and 2.5 GB in the next (docs/RESULTS.md, "Quantize's peak"). malloc_trim(0) returns every free page,
+holes included.
 """
 
 from __future__ import annotations
