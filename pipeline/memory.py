@@ -27,9 +27,9 @@ RUNTIME_BYTES = 0.45e9  # Python, torch, transformers, onnx (importing the pipel
 # 1.17-2.65 GB before its passes trimmed glibc's heap per linear and 1.19-1.22 GB since, export 1.67-2.09 GB, verify
 # 1.83-2.00 GB since 6e2828d). Calibrate and quantize hold one model, but under glibc's default allocator calibrate's
 # freed activation buffers can stay in a fragmented heap: the estimate takes the upper end of each spread, since it
-# exists to warn before memory runs out. Export: the traced model and the copy
-# the exporter's shape inference makes of its parameters; verify: its largest ONNX Runtime session (the FP16 Q/DQ
-# graph's: 0.97 GB alone after two SmolLM2 windows on CPU).
+# exists to warn before memory runs out. Export: the traced model and the copy the exporter's shape inference makes
+# of its parameters; verify: its largest ONNX Runtime session (the FP16 Q/DQ graph's: 0.97 GB alone after two
+# SmolLM2 windows on CPU).
 WEIGHT_COPIES = {"calibrate": 3.0, "quantize": 1.2, "export": 2.9, "verify": 2.8}
 # In-memory GPTQ's quantize, beside the layer inputs it holds: SmolLM2 w4a16-gptq quantize alone peaked at 1,874 MB
 # (9243b83, measured once, not broken down; its layer loop is not trimmed like the RTN passes).
@@ -77,6 +77,11 @@ def activation_bytes(shape: ModelShape, windows: int, seq_len: int) -> float:
     return 4 * tokens * (2 * shape.heads * seq_len + 3 * shape.intermediate + 6 * shape.hidden)
 
 
+def hidden_state_bytes(shape: ModelShape, windows: int, seq_len: int) -> float:
+    """The FP32 hidden states of `windows` at one layer boundary."""
+    return 4 * windows * seq_len * shape.hidden
+
+
 def estimate_peaks(shape: ModelShape, config: RunConfig) -> dict[str, float]:
     """Stage -> estimated peak bytes, for the stages as this config runs them."""
     cal, quant = config.calibration, config.quant
@@ -88,14 +93,14 @@ def estimate_peaks(shape: ModelShape, config: RunConfig) -> dict[str, float]:
     copies = {**WEIGHT_COPIES, "quantize": GPTQ_QUANTIZE_COPIES} if gptq else WEIGHT_COPIES
     peaks = {stage: RUNTIME_BYTES + n * shape.fp32_bytes + active[stage] for stage, n in copies.items()}
     if gptq:  # beside the model: one layer's inputs for every calibration window, quantized and float
-        peaks["quantize"] += 4 * 2 * cal.windows * cal.seq_len * shape.hidden
+        peaks["quantize"] += hidden_state_bytes(shape, 2 * cal.windows, cal.seq_len)
     if config.low_memory:
         # The hidden states wait on disk; in memory: one batch of them, the search's windows, and with GPTQ its
         # layer's inputs, quantized and float, as batch lists.
         held = {"calibrate": cal.batch_size,
                 "quantize": 2 * cal.windows if gptq else max(cal.batch_size, quant.search_windows)}
         layer = 4 * shape.layer_parameters * (2 if gptq else 1)
-        peaks.update({stage: RUNTIME_BYTES + layer + 4 * held[stage] * cal.seq_len * shape.hidden + active[stage]
+        peaks.update({stage: RUNTIME_BYTES + layer + hidden_state_bytes(shape, held[stage], cal.seq_len) + active[stage]
                       for stage in STREAMED_STAGES})
     return peaks
 

@@ -50,11 +50,10 @@ def integer_weights(model, spec, plan: QuantPlan | None, cfg: QuantConfig, calib
     elif method == "gptq":
         outcomes = gptq_sequential(model, spec, set(selected), calibration, batch, settings, float_calibration)
     elif cfg.weight_clip == "mse":
-        clipped = {}
+        outcomes = {}
         for n in selected:
-            clipped[n] = clipped_int8(model.get_submodule(n).weight, input_power[n])
+            outcomes[n], clip_ratios[n] = clipped_int8(model.get_submodule(n).weight, input_power[n])
             trim_heap()  # its float64 temporaries, freed between the kept codes (SmolLM2: up to +0.6 GB without)
-        outcomes, clip_ratios = {n: c[0] for n, c in clipped.items()}, {n: c[1] for n, c in clipped.items()}
     else:
         outcomes = {n: rtn(model.get_submodule(n).weight, settings.bits, settings.group_size, settings.fp16_scales)
                     for n in selected}
