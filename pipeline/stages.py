@@ -506,18 +506,19 @@ def verify_stage(run: Run) -> dict:
         return read_json(run.path(VERIFICATION))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
     evaluation = np.load(run.path(WINDOWS))["evaluation"]
-    faithfulness = evaluation[:FAITHFULNESS_WINDOWS]
+    faithful_windows = evaluation[:FAITHFULNESS_WINDOWS]
     _whole_model_notice(run, "verify")
     with scratch_folder(run.path(VERIFICATION).with_suffix(".arrays")) as folder:
-        side = pytorch_side(run, plan, faithfulness, folder)
+        side = pytorch_side(run, plan, faithful_windows, folder)
         release_memory()  # the models are gone before the first session opens
         graph_outputs = SavedArrays(folder / "graphs")  # the reference's logits while the Q/DQ graph runs
         # Each FP32 graph runs once, in one session, for all its checks: PyTorch on the first windows, accuracy on
         # all of them, the precision floors' FP32 side on the first few, and the greedy generation loop.
         with verify.OpenGraph(run.path(REFERENCE)) as reference:
-            reference_vs_torch = verify.check_reference(reference, evaluation, side.saved("float"), graph_outputs,
-                                                        f"{REFERENCE} (vs PyTorch; accuracy)")
+            verify.save_reference_logits(reference, evaluation, graph_outputs, f"{REFERENCE} (vs PyTorch; accuracy)")
             reference_tokens = verify.onnx_greedy(reference, side.prompts, verify.GENERATED_TOKENS, side.stops)
+        reference_vs_torch = verify.faithfulness(side.saved("float"),
+                                                 (graph_outputs[f"reference{i}"] for i in range(len(faithful_windows))))
         with verify.OpenGraph(run.path(QUANTIZED)) as quantized:
             quantized_vs_sim, accuracy = verify.check_quantized(quantized, evaluation, side.saved("simulated"),
                                                                 graph_outputs, FP16_GRAPH_WINDOWS,

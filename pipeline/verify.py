@@ -28,8 +28,11 @@ def onnx_session(path: Path, providers: list[str] | None = None,
     INT8 on the fly: a W4A8 kernel, not the W4A16 graph. Level 0 keeps the float activations.
     `disabled_optimizers`: for graphs other tools made that trip an ONNX Runtime optimizer bug.
     The CPU memory arena stays on: without it, glibc's heap kept a SmolLM2 prefill's freed activations (0.5 GB more
-    at the peak); its memory goes back when the session closes (verify then calls memory.release_memory)."""
+    at the peak); its memory goes back when the session closes (verify then calls memory.release_memory).
+    The memory pattern (one planned block per shape seen) is off: with it the FP16 Q/DQ graph's session grew from
+    0.72 to 1.02 GB at its second SmolLM2 window, and the other graphs ran no faster with it (0.8-1.6 s a window)."""
     options = ort.SessionOptions()
+    options.enable_mem_pattern = False
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"],
                                 disabled_optimizers=list(disabled_optimizers))
@@ -150,23 +153,27 @@ def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label:
     return result
 
 
-def check_reference(graph: OpenGraph, windows: np.ndarray, torch_logits: Iterable[np.ndarray],
-                    saved: MutableMapping, label: str) -> dict:
-    """The reference graph's one pass over the evaluation windows: each window's logits saved as reference<i> for
-    the graphs that run next (SavedArrays: a 512-token window of a 49k vocabulary is 100 MB), the first ones
-    compared with the logits of the PyTorch model it was exported from (export faithfulness; computed before the
-    session opened, so model and session never share memory)."""
-    faithful, expected = PairStats(), iter(torch_logits)
+def save_reference_logits(graph: OpenGraph, windows: np.ndarray, saved: MutableMapping, label: str) -> None:
+    """The reference graph's one pass over the evaluation windows: each window's logits saved as reference<i>
+    (SavedArrays: a 512-token window of a 49k vocabulary is 100 MB), for the graphs that run next and for
+    `faithfulness`, which compares them once this session is closed: comparisons beside a running session raised
+    SmolLM2's peak by ~0.3 GB."""
     for i, logits in enumerate(session_logits(graph.session, windows, label)):
         saved[f"reference{i}"] = logits
-        if (torch_window := next(expected, None)) is not None:
-            faithful.add(torch_window, logits)
-    return faithful.summary()
+
+
+def faithfulness(expected: Iterable[np.ndarray], logits: Iterable[np.ndarray]) -> dict:
+    """A graph's logits against those of the PyTorch model it was exported from (computed before any session
+    opened, so model and session never share memory), window by window, on as many windows as both give."""
+    stats = PairStats()
+    for baseline, candidate in zip(expected, logits):
+        stats.add(baseline, candidate)
+    return stats.summary()
 
 
 def check_quantized(graph: OpenGraph, windows: np.ndarray, simulated_logits: Iterable[np.ndarray],
                     saved: MutableMapping, keep: int, label: str) -> tuple[dict, dict]:
-    """The Q/DQ graph's one pass over the evaluation windows, after check_reference. Returns its first windows
+    """The Q/DQ graph's one pass over the evaluation windows, after save_reference_logits. Returns its first windows
     against the PyTorch fake-quant simulation (faithfulness) and every window against the reference's saved logits
     (accuracy). The logits of both graphs on the first `keep` windows stay saved (reference<i>, quantized<i>) for
     precision_floors; the reference's others are deleted as they are used."""
@@ -191,20 +198,20 @@ def precision_floors(reference_fp16: Path, quantized_fp16: Path, windows: np.nda
       Q node flips for a tiny input change), so the same recipe at another precision moves much further than the
       float floor; an INT8 TensorRT plan is held to this spread, not to the float one.
     - fp16_qdq_vs_reference: the graph TensorRT builds, against the FP32 reference."""
-    def logits(path: Path):
-        return graph_logits(path, windows, f"{path.name} (precision floors)")
+    # Each FP16 graph's logits are saved and its session closed before any comparison runs: the comparisons'
+    # float64 temporaries beside a running FP16 session raised verify's peak by ~0.4 GB on SmolLM2.
+    for label, path in (("reference_fp16", reference_fp16), ("quantized_fp16", quantized_fp16)):
+        for i, values in enumerate(graph_logits(path, windows, f"{path.name} (precision floors)")):
+            saved[f"{label}{i}"] = values
 
     def kept(label: str):
         return (saved[f"{label}{i}"] for i in range(len(windows)))
 
-    float_floor = pair_metrics(windows, kept("reference"), logits(reference_fp16))
-    quantized_floor, fp16_qdq = PairMetrics(), PairMetrics()
-    for i, (window, qdq_fp16) in enumerate(zip(windows, logits(quantized_fp16))):
-        # One saved window read at a time beside the FP16 graph's session, each freed after its comparison.
-        quantized_floor.add(window, saved[f"quantized{i}"], qdq_fp16)
-        fp16_qdq.add(window, saved[f"reference{i}"], qdq_fp16)
+    float_floor = pair_metrics(windows, kept("reference"), kept("reference_fp16"))
+    quantized_floor = pair_metrics(windows, kept("quantized"), kept("quantized_fp16"))
+    fp16_qdq = pair_metrics(windows, kept("reference"), kept("quantized_fp16"))
     saved.clear()
-    return {"float": float_floor, "quantized": quantized_floor.summary(), "fp16_qdq_vs_reference": fp16_qdq.summary()}
+    return {"float": float_floor, "quantized": quantized_floor, "fp16_qdq_vs_reference": fp16_qdq}
 
 
 def compare_plan(plan: Path, graph: Path, windows: np.ndarray, label: str) -> dict:
