@@ -20,9 +20,8 @@ from calibration.rotation import linear_input
 log = logging.getLogger(__name__)
 
 # How far freed-but-resident heap pages may lift the calibration pass before glibc's heap is trimmed. The same
-# SmolLM2 calibrate peaked anywhere from 1.09 to 2.19 GB under glibc's default (docs/RESULTS.md). With this margin a
-# run whose heap stayed compact trimmed twice (while the weights paged in), one whose heap grew trimmed 40 times;
-# 128 MB held the peak lower but trimmed up to 264 times and cost 8-10 s.
+# SmolLM2 calibrate peaked anywhere from 1.09 to 2.19 GB under glibc's default (docs/RESULTS.md); its steady state
+# varies by less than this between batches, so a run whose heap stays compact is never trimmed.
 HEAP_MARGIN = 256 << 20
 
 
