@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 
 
 @functools.cache
@@ -31,29 +30,3 @@ def trim_heap() -> None:
     libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
-
-
-def resident_bytes() -> int:
-    """This process's resident set size (Linux); 0 where /proc is not there."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-class HeapCeiling:
-    """Call once per linear in a pass: it trims glibc's heap only when the process has grown `margin` bytes since
-    the last trim (or since the pass began). Trimming on every call bounds the heap too, but costs the page faults
-    of touching the returned pages again (SmolLM2 calibrate: 56 s -> 87 s); a run whose heap does not fragment
-    never pays it, and one that does pays a trim per `margin` of growth."""
-
-    def __init__(self, margin: int):
-        self.margin, self.trims = margin, 0
-        self.floor = resident_bytes()
-
-    def __call__(self) -> None:
-        if resident_bytes() > self.floor + self.margin:
-            trim_heap()
-            self.trims += 1
-            self.floor = resident_bytes()

@@ -14,15 +14,9 @@ from tqdm import tqdm
 
 from calibration import CalibrationError
 from calibration.architectures import ArchitectureSpec
-from calibration.heap import HeapCeiling
 from calibration.rotation import linear_input
 
 log = logging.getLogger(__name__)
-
-# How far freed-but-resident heap pages may lift the calibration pass before glibc's heap is trimmed. The same
-# SmolLM2 calibrate peaked anywhere from 1.09 to 2.19 GB under glibc's default (docs/RESULTS.md); its steady state
-# varies by less than this between batches, so a run whose heap stays compact is never trimmed.
-HEAP_MARGIN = 256 << 20
 
 
 def quantizable_linears(model: torch.nn.Module, spec: ArchitectureSpec) -> dict[str, torch.nn.Linear]:
@@ -83,14 +77,8 @@ def observe_inputs(model: torch.nn.Module, linears: dict[str, torch.nn.Module], 
 def collect_input_absmax(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], windows: np.ndarray,
                          batch_size: int = 4) -> dict[str, torch.Tensor]:
     """Run the windows through the model; return fp32 per-input-channel max|x| for each linear."""
-    observer, ceiling = AbsmaxObserver(), HeapCeiling(HEAP_MARGIN)
-
-    def observe(name: str, x: torch.Tensor) -> None:
-        observer(name, x)
-        ceiling()
-
-    observe_inputs(model, linears, windows, batch_size, observe, "calibrating")
-    log.debug("calibrate: glibc's heap trimmed %d times", ceiling.trims)
+    observer = AbsmaxObserver()
+    observe_inputs(model, linears, windows, batch_size, observer, "calibrating")
     check_finite(observer.absmax)
     return observer.absmax
 

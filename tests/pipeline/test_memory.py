@@ -87,37 +87,6 @@ def test_a_freed_activation_sized_block_goes_back_to_the_os_under_the_low_memory
     assert retained_mb("trimmed") < 1  # what the quantize passes do per linear, keeping the default policy
 
 
-CEILING_SCRIPT = """
-import sys
-import numpy as np
-from calibration.heap import HeapCeiling
-
-def rss_mb():
-    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')) / 1024
-
-block = np.ones(16 << 20, dtype=np.uint8); del block  # glibc's dynamic threshold rises to 16 MB here
-before = rss_mb()
-ceiling = HeapCeiling(int(sys.argv[1]) << 20)
-block = np.ones(8 << 20, dtype=np.uint8); del block  # 8 MB freed, still resident in the heap
-ceiling()
-print(ceiling.trims, rss_mb() - before)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator policy is glibc's mallopt")
-@pytest.mark.parametrize("margin_mb, trims", [(4, 1), (64, 0)])
-def test_the_heap_ceiling_trims_only_once_the_process_grew_past_its_margin(margin_mb, trims):
-    """Calibrate's forwards call it per linear: a heap that grew more than the margin is trimmed (SmolLM2's
-    calibrate peaked at 1.06-1.29 GB with it, 1.12-2.05 GB without), one that did not is left alone, since a trim
-    costs the page faults of touching its pages again."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", CEILING_SCRIPT, str(margin_mb)], capture_output=True, text=True,
-                         check=True, env=env)
-    done, retained_mb = out.stdout.split()
-    assert int(done) == trims
-    assert (float(retained_mb) < 1) if trims else (float(retained_mb) > 6)
-
-
 @pytest.mark.parametrize("flags, mapped", [([], False), (["--low-memory"], True)])
 def test_only_low_memory_runs_under_the_allocator_policy(monkeypatch, tmp_path, flags, mapped):
     """--low-memory trades speed for memory; an in-memory run keeps glibc's faster default (calibration/heap.py
