@@ -208,10 +208,13 @@ def precision_floors(reference_fp16: Path, quantized_fp16: Path, windows: np.nda
         return (saved[f"{label}{i}"] for i in range(len(windows)))
 
     float_floor = pair_metrics(windows, kept("reference"), kept("reference_fp16"))
-    quantized_floor = pair_metrics(windows, kept("quantized"), kept("quantized_fp16"))
-    fp16_qdq = pair_metrics(windows, kept("reference"), kept("quantized_fp16"))
+    quantized_floor, fp16_qdq = PairMetrics(), PairMetrics()
+    for i, window in enumerate(windows):  # the FP16 Q/DQ graph's logits read once for both of its comparisons
+        qdq_fp16 = saved[f"quantized_fp16{i}"]
+        quantized_floor.add(window, saved[f"quantized{i}"], qdq_fp16)
+        fp16_qdq.add(window, saved[f"reference{i}"], qdq_fp16)
     saved.clear()
-    return {"float": float_floor, "quantized": quantized_floor, "fp16_qdq_vs_reference": fp16_qdq}
+    return {"float": float_floor, "quantized": quantized_floor.summary(), "fp16_qdq_vs_reference": fp16_qdq.summary()}
 
 
 def compare_plan(plan: Path, graph: Path, windows: np.ndarray, label: str) -> dict:
