@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"comma-separated, first one is timed stage by stage: {', '.join(RECIPE_ARGS)}")
     parser.add_argument("--out", default="build/bench")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--latency-repeats", type=int, default=5)
+    parser.add_argument("--latency-repeats", type=int, default=10)
     args = parser.parse_args(argv)
     recipes = args.recipes.split(",")
     unknown = [r for r in recipes if r not in RECIPE_ARGS]

@@ -29,6 +29,9 @@ def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus, monke
     manifest = json.loads((tmp_path / "out" / "w4a16-rtn" / "manifest.json").read_text())
     assert manifest["config"]["quant"]["scheme"] == "w4a16-rtn" and manifest["stages"]["verify"]["status"] == "done"
     assert set(r["latency"]["smoothtrt W8A8"]) == {"prefill 1x512", "prefill 4x128", "decode step (KV cache)"}
+    for shapes in r["latency"].values():  # one sample per repeat and per decode step, every graph alike
+        assert [s["samples"] for s in shapes.values()] == [1, 1, 32]
+        assert all(0 < s["best_ms"] <= s["median_ms"] for s in shapes.values())
     measured = [t for t in r["targets"] if t["measured"] is not None]
     assert len(measured) == 10 and all(t["met"] in (True, False) for t in measured)
     low = r["low_memory"]  # the layer-by-layer stages saved what the in-memory ones saved
