@@ -79,6 +79,10 @@ class SavedArrays(MutableMapping):
         self.names.remove(name)
         (self.folder / f"{name}.npy").unlink()
 
+    def numbered(self, prefix: str, count: int) -> Iterator[np.ndarray]:
+        """The arrays saved as prefix0 .. prefix<count - 1> (one per window), each read when reached."""
+        return (self[f"{prefix}{i}"] for i in range(count))
+
     def clear(self) -> None:  # MutableMapping's would read each array back before deleting it
         for name in list(self.names):
             del self[name]

@@ -472,10 +472,6 @@ class TorchSide:
     greedy_tokens: list[list[int]]
     stops: tuple[int, ...]
 
-    def saved(self, prefix: str):
-        """The logits saved as prefix<i>, window by window, each read when reached."""
-        return (self.logits[name] for name in self.logits if name.removeprefix(prefix).isdigit())
-
 
 def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path) -> TorchSide:
     """The float model, then the smoothed one as the fake-quant simulation, one at a time; arrays kept in `folder`."""
@@ -517,10 +513,10 @@ def verify_stage(run: Run) -> dict:
         with verify.OpenGraph(run.path(REFERENCE)) as reference:
             verify.save_reference_logits(reference, evaluation, graph_outputs, f"{REFERENCE} (vs PyTorch; accuracy)")
             reference_tokens = verify.onnx_greedy(reference, side.prompts, verify.GENERATED_TOKENS, side.stops)
-        reference_vs_torch = verify.faithfulness(side.saved("float"),
-                                                 (graph_outputs[f"reference{i}"] for i in range(len(faithful_windows))))
+        reference_vs_torch = verify.faithfulness(side.logits.numbered("float", len(faithful_windows)),
+                                                 graph_outputs.numbered("reference", len(faithful_windows)))
         with verify.OpenGraph(run.path(QUANTIZED)) as quantized:
-            quantized_vs_sim, accuracy = verify.check_quantized(quantized, evaluation, side.saved("simulated"),
+            quantized_vs_sim, accuracy = verify.check_quantized(quantized, evaluation, side.logits.numbered("simulated", len(faithful_windows)),
                                                                 graph_outputs, FP16_GRAPH_WINDOWS,
                                                                 f"{QUANTIZED} (vs PyTorch fake-quant; accuracy)")
             quantized_tokens = verify.onnx_greedy(quantized, side.prompts, verify.GENERATED_TOKENS, side.stops)

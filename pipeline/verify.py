@@ -15,6 +15,7 @@ from polygraphy.datatype import DataType
 from tqdm import tqdm
 
 from exporters.decoder_io import DecoderShape
+from pipeline.artifacts import SavedArrays
 from pipeline.memory import release_memory
 from pipeline.metrics import PairStats, Perplexity
 
@@ -189,7 +190,7 @@ def check_quantized(graph: OpenGraph, windows: np.ndarray, simulated_logits: Ite
     return faithful.summary(), accuracy.summary()
 
 
-def precision_floors(reference_fp16: Path, quantized_fp16: Path, windows: np.ndarray, saved: MutableMapping) -> dict:
+def precision_floors(reference_fp16: Path, quantized_fp16: Path, windows: np.ndarray, saved: SavedArrays) -> dict:
     """What arithmetic precision alone changes, measured rather than assumed, on the windows whose FP32 logits
     check_quantized kept in `saved` (reference<i>, quantized<i>; read back a window at a time, cleared at the end):
     - float: the FP16 reference against the FP32 reference. A float implementation (the exported graph against
@@ -204,10 +205,8 @@ def precision_floors(reference_fp16: Path, quantized_fp16: Path, windows: np.nda
         for i, values in enumerate(graph_logits(path, windows, f"{path.name} (precision floors)")):
             saved[f"{label}{i}"] = values
 
-    def kept(label: str):
-        return (saved[f"{label}{i}"] for i in range(len(windows)))
-
-    float_floor = pair_metrics(windows, kept("reference"), kept("reference_fp16"))
+    float_floor = pair_metrics(windows, saved.numbered("reference", len(windows)),
+                               saved.numbered("reference_fp16", len(windows)))
     quantized_floor, fp16_qdq = PairMetrics(), PairMetrics()
     for i, window in enumerate(windows):  # the FP16 Q/DQ graph's logits read once for both of its comparisons
         qdq_fp16 = saved[f"quantized_fp16{i}"]
