@@ -513,10 +513,12 @@ def verify_stage(run: Run) -> dict:
         with verify.OpenGraph(run.path(REFERENCE)) as reference:
             verify.save_reference_logits(reference, evaluation, graph_outputs, f"{REFERENCE} (vs PyTorch; accuracy)")
             reference_tokens = verify.onnx_greedy(reference, side.prompts, verify.GENERATED_TOKENS, side.stops)
-        reference_vs_torch = verify.faithfulness(side.logits.numbered("float", len(faithful_windows)),
-                                                 graph_outputs.numbered("reference", len(faithful_windows)))
+        faithful = len(faithful_windows)
+        reference_vs_torch = verify.faithfulness(side.logits.numbered("float", faithful),
+                                                 graph_outputs.numbered("reference", faithful))
         with verify.OpenGraph(run.path(QUANTIZED)) as quantized:
-            quantized_vs_sim, accuracy = verify.check_quantized(quantized, evaluation, side.logits.numbered("simulated", len(faithful_windows)),
+            quantized_vs_sim, accuracy = verify.check_quantized(quantized, evaluation,
+                                                                side.logits.numbered("simulated", faithful),
                                                                 graph_outputs, FP16_GRAPH_WINDOWS,
                                                                 f"{QUANTIZED} (vs PyTorch fake-quant; accuracy)")
             quantized_tokens = verify.onnx_greedy(quantized, side.prompts, verify.GENERATED_TOKENS, side.stops)
