@@ -46,7 +46,8 @@ def _tokens(text_tokens: np.ndarray, batch: int, length: int) -> np.ndarray:
     return np.resize(text_tokens, batch * length).reshape(batch, length).astype(np.int64)
 
 
-def compare(graphs: dict[str, tuple[Path, tuple[str, ...]]], repeats: int, text_tokens: np.ndarray) -> dict:
+def compare(graphs: dict[str, tuple[Path, tuple[str, ...]]], repeats: int, text_tokens: np.ndarray,
+            threads: int | None = None) -> dict:
     """Milliseconds per graph (path, ONNX Runtime optimizers to disable) and shape on real token ids: the median and
     the best of the samples. The graphs take turns sample by sample, so a change of machine load hits all of them
     alike as far as it can; the ratios between graphs are the figures to quote.
@@ -54,8 +55,11 @@ def compare(graphs: dict[str, tuple[Path, tuple[str, ...]]], repeats: int, text_
     seconds. One process timing the same Q/DQ graph on the same 1x512 input measured 455-486 ms, then 599-653 ms
     for 18 runs, then 465-486 ms again (docs/RESULTS.md), and the slow periods slow the INT8 graph more (x1.3-1.4)
     than the FP32 one (x1.1-1.2). Such interference only ever adds time, so the best sample is the speed the graph
-    runs at (what `timeit` reports, for the same reason); the medians say how often the machine was slow."""
-    engines = {label: OnnxDecoder(path, disabled_optimizers=off) for label, (path, off) in graphs.items()}
+    runs at (what `timeit` reports, for the same reason); the medians say how often the machine was slow. A slow
+    period can outlast a whole comparison (the bench at 1974a98: every 1x512 sample of every graph). With one
+    thread (`threads=1`) there are no such periods: the Q/DQ graph took 861-914 ms in each of 4 processes."""
+    engines = {label: OnnxDecoder(path, disabled_optimizers=off, threads=threads)
+               for label, (path, off) in graphs.items()}
     inputs = {name: _tokens(text_tokens, *shape) for name, shape in PREFILL_SHAPES.items()}
     samples = {label: collections.defaultdict(list) for label in graphs}
     for engine in engines.values():  # warm-up: allocations, kernel choices

@@ -9,7 +9,8 @@
   forwards plus the ONNX Runtime evaluation of both graphs;
 - artifacts: bytes of each graph and bytes per parameter;
 - ONNX Runtime CPU latency of the FP32 reference, our INT8 Q/DQ graph and ONNX Runtime's own quantize_static model
-  (same reference ONNX, same calibration windows): prefill 1 x 512 and 4 x 128, decode step with the KV cache;
+  (same reference ONNX, same calibration windows): prefill 1 x 512 and 4 x 128, decode step with the KV cache,
+  with ONNX Runtime's default threads and with one;
   ONNX Runtime's profiler says which kernels ran the quantized MatMuls;
 - accuracy rows for each recipe (perplexity on the evaluation windows); the recipes after the first run as one
   `python -m pipeline engine` process each, on the first one's calibration.
@@ -235,7 +236,10 @@ def main(argv: list[str] | None = None) -> dict:
     result["artifacts"] = {label: {"bytes": graph_bytes(p), "bytes_per_parameter": graph_bytes(p) / parameters}
                            for label, p in files.items()}
     print("bench: latency", flush=True)
-    result["latency"] = latency.compare(graphs, args.latency_repeats, np.load(main_out / "windows.npz")["evaluation"].ravel())
+    text_tokens = np.load(main_out / "windows.npz")["evaluation"].ravel()
+    result["latency"] = latency.compare(graphs, args.latency_repeats, text_tokens)
+    print("bench: latency, one ONNX Runtime thread", flush=True)  # steady on this machine: bench/latency.py
+    result["latency_one_thread"] = latency.compare(graphs, max(1, args.latency_repeats // 2), text_tokens, threads=1)
     result["integer_kernels"] = {label: latency.kernel_census(path, off) for label, (path, off) in graphs.items()
                                  if label != "reference FP32"}
     result["accuracy"] = {recipe: runs[recipe]["report"]["accuracy"] for recipe in recipes}

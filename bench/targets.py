@@ -22,12 +22,14 @@ def evaluate(r: dict) -> list[dict]:
                 "both graphs", engine_seconds / (costs["plain_forward_all_windows_seconds"]
                                                  + costs["onnx_evaluation_both_graphs_seconds"]), 2.0, True),
     ]
-    for shape in ("prefill 1x512", "prefill 4x128"):  # best samples: bench/latency.py's compare says why
-        best = {label: lat[label][shape]["best_ms"] for label in (FP32, OURS, STATIC)}
-        rows.append(_target(f"{shape}: INT8 speed-up over FP32 reference (best samples)", best[FP32] / best[OURS], 1.5,
-                            False))
-        rows.append(_target(f"{shape}: INT8 speed vs quantize_static (theirs / ours, best samples)",
-                            best[STATIC] / best[OURS], 1.0, False))
+    # Best samples, with ONNX Runtime's default threads and with one: bench/latency.py's compare says why both.
+    for threads, timings in (("default threads", lat), ("1 thread", r["latency_one_thread"])):
+        for shape in ("prefill 1x512", "prefill 4x128"):
+            best = {label: timings[label][shape]["best_ms"] for label in (FP32, OURS, STATIC)}
+            rows.append(_target(f"{shape}, {threads}: INT8 speed-up over FP32 reference", best[FP32] / best[OURS],
+                                1.5, False))
+            rows.append(_target(f"{shape}, {threads}: INT8 speed vs quantize_static (theirs / ours)",
+                                best[STATIC] / best[OURS], 1.0, False))
     rows.append(_target("INT8 Q/DQ ONNX bytes / FP32 reference bytes",
                         r["artifacts"][OURS]["bytes"] / r["artifacts"][FP32]["bytes"], 0.40, True))
     rows.append(_target("peak RSS of the pipeline / FP32 model bytes", peak_rss / costs["fp32_model_bytes"], 2.5, True))
@@ -41,6 +43,20 @@ def evaluate(r: dict) -> list[dict]:
 
 
 VERDICT = {True: "yes", False: "NO", None: "not measured"}
+
+
+def _latency_table(lat: dict, threads: str) -> list[str]:
+    shapes = list(lat[FP32])
+    lines = ["", f"ONNX Runtime CPU, {threads}, the graphs taking turns sample by sample: best / median ms of "
+             f"{', '.join(str(lat[FP32][s]['samples']) for s in shapes)} samples (ratio: FP32 time / this graph's "
+             "time). The best samples are the speed a graph runs at; this machine's slow periods only add time "
+             "(bench/latency.py).", "",
+             "| graph | " + " | ".join(shapes) + " |", "| --- |" + " --- |" * len(shapes)]
+    for label, times in lat.items():
+        cells = [" / ".join(f"{times[s][k]:.1f} ({lat[FP32][s][k] / times[s][k]:.2f}x)" for k in ("best_ms", "median_ms"))
+                 for s in shapes]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _number(value: float | None) -> str:
@@ -83,17 +99,8 @@ def markdown(r: dict) -> str:
               f"Parameters: {c['parameters']:,}.", "",
               "| artifact | MB | bytes per parameter |", "| --- | --- | --- |"]
     lines += [f"| {label} | {a['bytes'] / MB:.1f} | {a['bytes_per_parameter']:.2f} |" for label, a in r["artifacts"].items()]
-    lat = r["latency"]
-    shapes = list(lat[FP32])
-    lines += ["", "ONNX Runtime CPU, the graphs taking turns sample by sample: best / median ms of "
-              f"{', '.join(str(lat[FP32][s]['samples']) for s in shapes)} samples (ratio: FP32 time / this graph's "
-              "time). The best samples are the speed a graph runs at; this machine's slow periods only add time "
-              "(bench/latency.py).", "",
-              "| graph | " + " | ".join(shapes) + " |", "| --- |" + " --- |" * len(shapes)]
-    for label, times in lat.items():
-        cells = [" / ".join(f"{times[s][k]:.1f} ({lat[FP32][s][k] / times[s][k]:.2f}x)" for k in ("best_ms", "median_ms"))
-                 for s in shapes]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _latency_table(r["latency"], "ONNX Runtime's default threads (one per physical core)")
+    lines += _latency_table(r["latency_one_thread"], "one ONNX Runtime thread")
     lines += ["", "Kernels that ran the MatMuls of one prefill (ONNX Runtime profiler):", "",
               "| graph | integer MatMul kernels | float MatMul kernels | by op |", "| --- | --- | --- | --- |"]
     lines += [f"| {label} | {k['integer_matmuls']} | {k['float_matmuls']} | {k['ops']} |"

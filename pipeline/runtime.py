@@ -87,14 +87,16 @@ class OnnxDecoder(TextGeneration):
     backend = "onnxruntime"
 
     def __init__(self, path: Path, providers: list[str] | None = None, reserved_slots: int = 0,
-                 disabled_optimizers: tuple[str, ...] = (), session: ort.InferenceSession | None = None):
-        """`session`: one already open on `path` (verify runs its logits checks and this loop in one)."""
+                 disabled_optimizers: tuple[str, ...] = (), session: ort.InferenceSession | None = None,
+                 threads: int | None = None):
+        """`session`: one already open on `path` (verify runs its logits checks and this loop in one).
+        `threads`: ONNX Runtime's intra-op threads, e.g. 1 for a service that runs one worker process per core."""
         from pipeline.verify import onnx_session  # the same session options as verification
 
         self.path, self.reserved_slots = Path(path), reserved_slots
         try:
             self.session = session if session is not None else onnx_session(self.path, providers,
-                                                                             disabled_optimizers)
+                                                                             disabled_optimizers, threads)
         except Exception as e:  # ONNX Runtime raises its own exception types for unreadable models
             raise PipelineError(f"cannot load {self.path.name} in ONNX Runtime: {diagnose_onnx(self.path, e)}") from None
         self.shape = DecoderShape.from_session(self.session)

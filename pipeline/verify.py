@@ -22,8 +22,8 @@ from pipeline.metrics import PairStats, Perplexity
 log = logging.getLogger(__name__)
 
 
-def onnx_session(path: Path, providers: list[str] | None = None,
-                 disabled_optimizers: tuple[str, ...] = ()) -> ort.InferenceSession:
+def onnx_session(path: Path, providers: list[str] | None = None, disabled_optimizers: tuple[str, ...] = (),
+                 threads: int | None = None) -> ort.InferenceSession:
     """A CPU session that computes what the graph says. ONNX Runtime's default optimizer fuses an INT4 blocked
     DequantizeLinear + MatMul into MatMulNBits with accuracy_level 4, which also quantizes the activations to
     INT8 on the fly: a W4A8 kernel, not the W4A16 graph. Level 0 keeps the float activations.
@@ -31,9 +31,12 @@ def onnx_session(path: Path, providers: list[str] | None = None,
     The CPU memory arena stays on: without it, glibc's heap kept a SmolLM2 prefill's freed activations (0.5 GB more
     at the peak); its memory goes back when the session closes (verify then calls memory.release_memory).
     The memory pattern (one planned block per shape seen) is off: with it the FP16 Q/DQ graph's session grew from
-    0.72 to 1.02 GB at its second SmolLM2 window, and the other graphs ran no faster with it (0.8-1.6 s a window)."""
+    0.72 to 1.02 GB at its second SmolLM2 window, and the other graphs ran no faster with it (0.8-1.6 s a window).
+    `threads`: ONNX Runtime's intra-op threads (its default: one per physical core)."""
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
+    if threads is not None:
+        options.intra_op_num_threads = threads
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"],
                                 disabled_optimizers=list(disabled_optimizers))

@@ -29,11 +29,13 @@ def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus, monke
     manifest = json.loads((tmp_path / "out" / "w4a16-rtn" / "manifest.json").read_text())
     assert manifest["config"]["quant"]["scheme"] == "w4a16-rtn" and manifest["stages"]["verify"]["status"] == "done"
     assert set(r["latency"]["smoothtrt W8A8"]) == {"prefill 1x512", "prefill 4x128", "decode step (KV cache)"}
-    for shapes in r["latency"].values():  # one sample per repeat and per decode step, every graph alike
-        assert [s["samples"] for s in shapes.values()] == [1, 1, 32]
-        assert all(0 < s["best_ms"] <= s["median_ms"] for s in shapes.values())
+    for timings in (r["latency"], r["latency_one_thread"]):  # a sample per repeat and per decode step, every graph
+        for shapes in timings.values():
+            assert [s["samples"] for s in shapes.values()] == [1, 1, 32]
+            assert all(0 < s["best_ms"] <= s["median_ms"] for s in shapes.values())
     measured = [t for t in r["targets"] if t["measured"] is not None]
-    assert len(measured) == 10 and all(t["met"] in (True, False) for t in measured)
+    assert len(measured) == 14 and all(t["met"] in (True, False) for t in measured)
+    assert sum("1 thread" in t["target"] for t in measured) == 4
     low = r["low_memory"]  # the layer-by-layer stages saved what the in-memory ones saved
     assert low["statistics_identical"] and set(low["stages"]) == {"calibrate", "quantize"}
     assert low["plan_entries_differing"] == 0 and low["weight_codes_differing"] == 0 and low["weight_codes"] > 0

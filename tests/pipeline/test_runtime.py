@@ -75,6 +75,15 @@ def test_a_reserved_masked_slot_changes_nothing(model_and_engine):
     assert np.abs(logits - engine.prefill_logits(window)).max() < 1e-4
 
 
+def test_a_one_thread_engine_runs_one_intra_op_thread_and_generates_the_same_tokens(model_and_engine):
+    """`threads` (a service running one worker process per core; the latency bench's steady measurement)."""
+    _, engine = model_and_engine
+    single = OnnxDecoder(engine.path, threads=1)
+    assert single.session.get_session_options().intra_op_num_threads == 1
+    assert engine.session.get_session_options().intra_op_num_threads == 0  # ONNX Runtime's default: per core
+    assert generate_ids(single, PROMPTS, 12, Sampling()) == generate_ids(engine, PROMPTS, 12, Sampling())
+
+
 def test_fp16_graph_generates_through_the_same_loop(tmp_path):
     model = tiny_model(outliers=False)
     fp16 = exported_decoder(model, tmp_path, torch.float16)
