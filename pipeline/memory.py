@@ -25,11 +25,12 @@ RUNTIME_BYTES = 0.45e9  # Python, torch, transformers, onnx (importing the pipel
 # 0.54 GB of weights, each stage its own process; `make bench` at 6e1be48, 7528780, 2ae8d9a, 9e176b2, 6e2828d,
 # 5bc5148, b535a85 and fa3e7c5, and single stages on the machine of 6e2828d: calibrate 1.09-2.19 GB, quantize
 # 1.17-2.65 GB before its passes trimmed glibc's heap per linear and 1.19-1.22 GB since, export 1.67-2.09 GB, verify
-# 1.83-2.00 GB since 6e2828d). Calibrate and quantize hold one model, but under glibc's default allocator calibrate's
-# freed activation buffers can stay in a fragmented heap: the estimate takes the upper end of each spread, since it
-# exists to warn before memory runs out. Export: the traced model and the copy the exporter's shape inference makes
-# of its parameters; verify: its largest ONNX Runtime session (the FP16 Q/DQ graph's: 0.97 GB alone after two
-# SmolLM2 windows on CPU).
+# 1.83-2.00 GB from 6e2828d and 1.79 GB since its comparisons wait for their session to close). Calibrate and
+# quantize hold one model, but under glibc's default allocator calibrate's freed activation buffers can stay in a
+# fragmented heap: the estimate takes the upper end of each spread, since it exists to warn before memory runs out.
+# Export: the traced model and the copy the exporter's shape inference makes of its parameters; verify: its largest
+# ONNX Runtime session (the FP16 reference's: ~1.07 GB through a SmolLM2 window on CPU inside verify; a process
+# holding only ONNX Runtime and numpy peaked at 0.89 GB over two windows of it).
 WEIGHT_COPIES = {"calibrate": 3.0, "quantize": 1.2, "export": 2.9, "verify": 2.8}
 # In-memory GPTQ's quantize, beside the layer inputs it holds: SmolLM2 w4a16-gptq quantize alone peaked at 1,874 MB
 # (9243b83, measured once, not broken down; its layer loop is not trimmed like the RTN passes).
