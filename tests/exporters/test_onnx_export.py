@@ -1,4 +1,7 @@
-"""The traced graph's weights: attached from the model without copies, and nothing attached by guesswork."""
+"""The traced graph's weights: attached from the model without copies, and nothing attached by guesswork; the
+exporter's whole-graph shape inference skipped without changing the graph."""
+
+import contextlib
 
 import numpy as np
 import onnx_ir as ir
@@ -6,6 +9,7 @@ import pytest
 import torch
 
 from exporters import ExportError
+from exporters import onnx_export
 from exporters.onnx_export import attach_parameters, export_model
 from exporters.naming import SCOPE
 from pipeline.runtime import OnnxDecoder
@@ -40,3 +44,23 @@ def test_a_constant_with_no_counterpart_in_the_model_is_refused():
     graph = ir.Graph([data, folded], add.outputs, nodes=[add])
     with pytest.raises(ExportError, match=r"onnx::Add_7 \(read by /lm/model/Add\)"):
         attach_parameters(ir.Model(graph, ir_version=10), torch.nn.Module(), data_inputs=1)
+
+
+def test_skipping_the_whole_graph_shape_inference_exports_the_same_graph(monkeypatch):
+    """The pass is skipped (never called), and torch's export with it gives the same graph, byte for byte."""
+    calls = []
+    original = torch._C._jit_pass_onnx_graph_shape_type_inference
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", counted)
+    model = tiny_model()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    skipped = ir.to_proto(export_model(model, torch.float16, 21, names)).SerializeToString()
+    assert calls == [] and torch._C._jit_pass_onnx_graph_shape_type_inference is counted
+    monkeypatch.setattr(onnx_export, "without_graph_shape_inference", contextlib.nullcontext)
+    with_pass = ir.to_proto(export_model(model, torch.float16, 21, names)).SerializeToString()
+    assert len(calls) == 2
+    assert skipped == with_pass
