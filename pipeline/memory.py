@@ -3,10 +3,10 @@
 The model's own sizes come from its config (parameters counted on the meta device: exact). How many copies of
 the weights a stage holds at its peak was measured on SmolLM2-135M (each stage its own process, docs/RESULTS.md
 "Hidden states on disk, verify one session at a time, and the benches at 2ae8d9a and 9e176b2"): the model
-(calibrate, quantize), the model beside the Q/DQ graph's new tensors (export), one ONNX Runtime session at
-a time (verify; the FP16 Q/DQ graph's on CPU is the largest, ~1 GB for SmolLM2). --low-memory holds one decoder
-layer (two with GPTQ's float twin) and a batch of the calibration windows' hidden states instead (the others wait
-on disk).
+(calibrate, quantize), the smoothed model beside the heap the reference graphs left (export), one ONNX Runtime
+session at a time (verify; the FP16 reference's on CPU is the largest, ~1 GB for SmolLM2). --low-memory holds one
+decoder layer (two with GPTQ's float twin) and a batch of the calibration windows' hidden states instead (the others
+wait on disk).
 An estimate, not a bound: the bench prints it next to the measured peak RSS.
 """
 
@@ -28,12 +28,12 @@ RUNTIME_BYTES = 0.45e9  # Python, torch, transformers, onnx (importing the pipel
 # 1.83-2.00 GB from 6e2828d and 1.79 GB since its comparisons wait for their session to close). Calibrate and
 # quantize hold one model, but under glibc's default allocator calibrate's freed activation buffers can stay in a
 # fragmented heap: the estimate takes the upper end of each spread, since it exists to warn before memory runs out.
-# Export: 1.57 GB since it skips the exporter's whole-graph shape inference and its copy of the parameters
-# (180257d, -0.25 GB against the same run without; 1.67-2.09 GB before): the traced model, and the Q/DQ graph's INT8
-# and FP16 tensors beside it at its peak (store_float_weights_fp16). Verify: its largest
+# Export: 1.35 GB since it skips the exporter's whole-graph shape inference and its copy of the parameters, and
+# drops the float weights the Q/DQ graphs replace by integer codes (1.67-2.09 GB before): its peak is now loading
+# the smoothed model beside what the reference graphs left in the heap. Verify: its largest
 # ONNX Runtime session (the FP16 reference's: ~1.07 GB through a SmolLM2 window on CPU inside verify; a process
 # holding only ONNX Runtime and numpy peaked at 0.89 GB over two windows of it).
-WEIGHT_COPIES = {"calibrate": 3.0, "quantize": 1.2, "export": 2.6, "verify": 2.8}
+WEIGHT_COPIES = {"calibrate": 3.0, "quantize": 1.2, "export": 2.0, "verify": 2.8}
 # In-memory GPTQ's quantize, beside the layer inputs it holds: SmolLM2 w4a16-gptq quantize alone peaked at 1,874 MB
 # (9243b83, measured once, not broken down; its layer loop is not trimmed like the RTN passes).
 GPTQ_QUANTIZE_COPIES = 2.2

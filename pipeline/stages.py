@@ -332,7 +332,7 @@ def export(run: Run) -> None:
     from exporters.attention_qdq import quantize_attention
     from exporters.kv_quant import quantize_kv_cache
     from exporters.lint import lint_or_raise
-    from exporters.onnx_export import export_model
+    from exporters.onnx_export import drop_weights, export_model
     from exporters.qdq import insert_qdq, module_node_map, store_float_weights_fp16
     from pipeline.graph_ranges import attention_ranges, kv_cache_scales
 
@@ -363,11 +363,13 @@ def export(run: Run) -> None:
     del model
     model, _ = smoothed_model(run)
     linears = linear_quantizations(plan, load_quantized(run.path(WEIGHTS)))
+    integer = [lq.module for lq in linears]
+    drop_weights(model, integer)  # the Q/DQ graphs take these from their integer codes
     kv_scales_found = attention_found = None
     for dtype, scale_dtype, name in ((torch.float32, np.float32, QUANTIZED), (torch.float16, np.float16, QUANTIZED_FP16)):
         log.info("export: %s (%s graph, %d quantized linears)", name, dtype, len(linears))
         model.to(dtype)  # in place, as for the reference graphs
-        graph = export_model(model, dtype, cfg.opset, names)
+        graph = export_model(model, dtype, cfg.opset, names, weightless=integer)
         insert_qdq(graph, linears, scale_dtype)
         if dtype == torch.float32:
             log.info("export: %s stores its float weight matrices in FP16 (%.1f MB saved)", name,

@@ -11,7 +11,7 @@ from calibration.recipe import Recipe, smooth_and_plan
 from calibration.smoothing import uniform_alpha
 from exporters import ExportError
 from exporters.lint import lint_or_raise, lint_qdq
-from exporters.onnx_export import export_model
+from exporters.onnx_export import drop_weights, export_model
 from exporters.qdq import (LinearQuantization, insert_qdq, module_node_map, round_kept_float_weights,
                            store_float_weights_fp16)
 from pipeline.runtime import OnnxDecoder
@@ -197,6 +197,25 @@ def test_tied_embeddings_are_stored_once_and_logits_unchanged(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=torch.from_numpy(ids)).logits.numpy()
     assert np.abs(run_ort(path, ids) - expected).max() < 1e-4
+
+
+def test_the_qdq_graphs_are_the_same_without_the_float_weights_they_replace():
+    """Export drops the quantized linears' float weights (the Q/DQ graph replaces them by their integer codes) and
+    traces with stand-ins of their shape: both graphs come out byte for byte as from the full model."""
+    model, names, _, quantizations = smoothed_and_planned()
+    integer = [q.module for q in quantizations]
+
+    def qdq_graph(dtype, scale_dtype, **weightless):
+        graph = export_model(model, dtype, 21, names, **weightless)
+        insert_qdq(graph, quantizations, scale_dtype)
+        return ir.to_proto(graph).SerializeToString()
+
+    dtypes = ((torch.float32, np.float32), (torch.float16, np.float16))
+    expected = [qdq_graph(*d) for d in dtypes]
+    drop_weights(model, integer)
+    assert all(model.get_submodule(m).weight.numel() == 0 for m in integer)
+    assert [qdq_graph(*d, weightless=integer) for d in dtypes] == expected
+    assert all(model.get_submodule(m).weight.numel() == 0 for m in integer)  # the stand-ins were for the trace only
 
 
 def test_float_weights_are_stored_fp16_and_computed_fp32(tmp_path):
