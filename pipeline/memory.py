@@ -28,9 +28,9 @@ RUNTIME_BYTES = 0.45e9  # Python, torch, transformers, onnx (importing the pipel
 # 1.83-2.00 GB from 6e2828d and 1.79 GB since its comparisons wait for their session to close). Calibrate and
 # quantize hold one model, but under glibc's default allocator calibrate's freed activation buffers can stay in a
 # fragmented heap: the estimate takes the upper end of each spread, since it exists to warn before memory runs out.
-# Export: 1.35 GB since it skips the exporter's whole-graph shape inference and its copy of the parameters, and
-# drops the float weights the Q/DQ graphs replace by integer codes (1.67-2.09 GB before): its peak is now loading
-# the smoothed model beside what the reference graphs left in the heap. Verify: its largest
+# Export: 1.47 GB (`make bench` at 03c7ce8) since it skips the exporter's whole-graph shape inference and its copy
+# of the parameters, and drops the float weights the Q/DQ graphs replace by integer codes (1.67-2.09 GB before): its
+# peak is now loading the smoothed model beside what the reference graphs left in the heap. Verify: its largest
 # ONNX Runtime session (the FP16 reference's: ~1.07 GB through a SmolLM2 window on CPU inside verify; a process
 # holding only ONNX Runtime and numpy peaked at 0.89 GB over two windows of it).
 WEIGHT_COPIES = {"calibrate": 3.0, "quantize": 1.2, "export": 2.0, "verify": 2.8}
