@@ -8,8 +8,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from exporters import ExportError
-from exporters import onnx_export
+from exporters import ExportError, onnx_export
 from exporters.onnx_export import attach_parameters, export_model
 from exporters.naming import SCOPE
 from pipeline.runtime import OnnxDecoder

@@ -96,8 +96,8 @@ def test_ctrl_c_during_export_leaves_no_partial_file_and_the_next_run_resumes(tm
     handler is set first: a test run started in the background by a non-interactive shell passes SIGINT on
     ignored, and Python then raises no KeyboardInterrupt (the engine ran to the end)."""
     out, argv = quantized_run(tmp_path, tiny_model_dir, corpus)
-    interrupt = ("import os, signal, exporters.lint as lint; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                 "check = lint.check_onnx_file; "
+    interrupt = ("import os, signal, exporters.lint as lint; "
+                 "signal.signal(signal.SIGINT, signal.default_int_handler); check = lint.check_onnx_file; "
                  "lint.check_onnx_file = lambda path: (os.kill(os.getpid(), signal.SIGINT), check(path))")
     proc = cli_process("engine", *argv, preamble=interrupt)
     stderr = proc.communicate(timeout=300)[1]
