@@ -8,6 +8,8 @@ import onnx_ir as ir
 import pytest
 import torch
 
+from calibration.architectures import spec_for_model_type
+from calibration.stats import quantizable_linears
 from exporters import ExportError, onnx_export
 from exporters.onnx_export import attach_parameters, export_model
 from exporters.naming import SCOPE
@@ -15,9 +17,14 @@ from pipeline.runtime import OnnxDecoder
 from tests.conftest import random_windows, tiny_model
 
 
+def linear_names(model) -> list[str]:
+    """The linears the export stage names (quantizable_linears), as it passes them to export_model."""
+    return list(quantizable_linears(model, spec_for_model_type(model.config.model_type)))
+
+
 def test_weights_view_the_model_and_reproduce_its_logits(tmp_path):
     model = tiny_model(model_type="qwen2")  # q/k/v biases: parameters that are not folded transposes
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    names = linear_names(model)
     graph = export_model(model, torch.float32, 21, names)
     initializers = graph.graph.initializers
     for name in names:
@@ -56,7 +63,7 @@ def test_skipping_the_whole_graph_shape_inference_exports_the_same_graph(monkeyp
 
     monkeypatch.setattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", counted)
     model = tiny_model()
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    names = linear_names(model)
     skipped = ir.to_proto(export_model(model, torch.float16, 21, names)).SerializeToString()
     assert calls == [] and torch._C._jit_pass_onnx_graph_shape_type_inference is counted
     monkeypatch.setattr(onnx_export, "without_graph_shape_inference", contextlib.nullcontext)
