@@ -60,12 +60,19 @@ def find_probes(model: ir.Model, modules: list[str]) -> Probes:
                   if f"{scope_of(m)}/QuantizeLinear_input" in nodes}
     inputs = {m: (quantizers[m] if m in quantizers else nodes[matmul_node_name(m)]).inputs[0].name for m in modules}
     scales = {m: float(q.inputs[1].const_value.numpy()) for m, q in quantizers.items()}
-    layers = {layer_of(m) for m in modules}
+    return Probes(outputs, inputs, scales, block_outputs(model, {layer_of(m) for m in modules}))
+
+
+def block_outputs(model: ir.Model, layers: set[str]) -> dict[str, str]:
+    """'model.layers.i' -> the tensor the decoder block hands to the next one, in execution order."""
     blocks = {}  # keys in execution order (a dict keeps first insertion order when a value is replaced)
     for node in model.graph:  # the last node emitted in a block's own scope is its residual Add
         if module_of_node(node.name) in layers:
             blocks[module_of_node(node.name)] = node.outputs[0].name
-    return Probes(outputs, inputs, scales, blocks)
+    missing = sorted(layers - blocks.keys())
+    if missing:
+        raise ExportError(f"no node of decoder block {missing[0]} in the graph")
+    return blocks
 
 
 def with_outputs(model: ir.Model, names: list[str]) -> ir.Model:

@@ -25,12 +25,12 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from exporters.decoder_io import DecoderShape
-from exporters.probes import Probes, find_probes, gemm_weight, layer_of, with_outputs
+from exporters.probes import Probes, find_probes, gemm_weight, layer_of
 from pipeline.artifacts import SavedArrays
 from pipeline.memory import release_memory
 from pipeline.metrics import snr_db
 from pipeline.runtime import kv_dtype
-from pipeline.verify import OpenGraph
+from pipeline.verify import OpenGraph, marked_graph
 
 # A GEMM adds a "large" error when its local error power is 100x (20 dB) the median GEMM's of the same run:
 # ordinary INT8 rounding differs between GEMMs by a few dB; a wrong scale or weight costs tens of dB.
@@ -60,37 +60,28 @@ class TensorError:
         return self.dot / max(np.sqrt(self.signal * self.candidate), 1e-300)
 
 
-class _MarkedGraph:
-    """A graph and, for each pass of the diff, a session of it with only that pass's probes marked as outputs. A
-    session computes and holds every output it was built with, fetched or not (SmolLM2: ~0.7 GB per graph for all
-    30 layers' probes), so a session per pass holds a pass's worth. Each pass's graph file is the graph alone,
-    written beside the original as a hidden file so that it points into the original's data file (no copy of the
-    weights); remove() deletes it."""
+class _GraphProbes:
+    """A graph's probes, and the input-channel absmax of each module's weight as the graph multiplies it
+    (dequantized where quantized), found once for every pass of the diff. Each pass marks only its own probes
+    (verify.marked_graph): a session computes and holds every output it was built with (SmolLM2: ~0.7 GB per graph
+    for all 30 layers' probes), so a session per pass holds a pass's worth."""
 
     def __init__(self, path: Path, modules: list[str]):
         model = ir.load(path)
         self.probes = find_probes(model, modules)
-        # The input-channel absmax of each module's weight as the graph multiplies it (dequantized where quantized).
         self.weight_absmax = {m: np.abs(gemm_weight(model, m)).max(1) for m in modules}
         del model
         release_memory()  # the IR graph holds reference cycles: free its weights before a session copies them
-        self.path, self.marked = path, path.with_name(f".layerwise-marked-{path.name}")
+        self.path = path
 
-    def mark(self, probes: Probes) -> OpenGraph:
+    def mark(self, probes: Probes):
         """A session of the graph fetching `probes`, one pass long: close it (leave its `with`) before the other
         graph's opens, and its arena's memory goes back."""
-        model = ir.load(self.path)  # its tensors stay in the original's data file
-        with_outputs(model, probes.names())
-        ir.save(model, self.marked)  # external tensors keep their place in that file: only the graph is written
-        del model
-        return OpenGraph(self.marked)
-
-    def remove(self) -> None:
-        self.marked.unlink(missing_ok=True)
+        return marked_graph(self.path, probes.names())
 
 
 def fetch(graph: OpenGraph, window: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
-    """The probes `names` of a marked graph's session (_MarkedGraph.mark) on one window."""
+    """The probes `names` of a marked graph's session (_GraphProbes.mark) on one window."""
     shape = DecoderShape.from_session(graph.session)
     feed = shape.prefill_feed(window[None, :], kv_dtype(graph.session, shape))
     return dict(zip(names, graph.session.run(names, feed)))
@@ -128,7 +119,7 @@ def layer_passes(modules: list[str], layers_per_pass: int) -> list[list[str]]:
             for i in range(0, len(layers), layers_per_pass)]
 
 
-def _diff_pass(reference: _MarkedGraph, quantized: _MarkedGraph, modules: list[str], windows: np.ndarray,
+def _diff_pass(reference: _GraphProbes, quantized: _GraphProbes, modules: list[str], windows: np.ndarray,
                float_weights: Mapping[str, np.ndarray], output_factors: dict[str, np.ndarray],
                acc: _Accumulated, saved: MutableMapping) -> None:
     """One session at a time: the reference's probes of every window wait in `saved` (SavedArrays, on disk) while
@@ -179,16 +170,12 @@ def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_
     weight in the reference graph ("before") and in the Q/DQ graph ("after": smoothed; weights dequantized),
     measured on the same windows, for the outlier analysis."""
     acc, modules = _Accumulated(), list(float_weights)
-    marked = [_MarkedGraph(path, modules) for path in (reference, quantized)]
+    graphs = [_GraphProbes(path, modules) for path in (reference, quantized)]
     # Scratch beside the graphs: the saved probes are graph-sized, more than a RAM /tmp holds.
-    try:
-        with tempfile.TemporaryDirectory(dir=quantized.parent, prefix=".layerwise-") as tmp:
-            saved = SavedArrays(Path(tmp) / "probes")
-            for pass_modules in layer_passes(modules, LAYERS_PER_PASS):
-                _diff_pass(*marked, pass_modules, windows, float_weights, output_factors, acc, saved)
-    finally:
-        for graph in marked:
-            graph.remove()
+    with tempfile.TemporaryDirectory(dir=quantized.parent, prefix=".layerwise-") as tmp:
+        saved = SavedArrays(Path(tmp) / "probes")
+        for pass_modules in layer_passes(modules, LAYERS_PER_PASS):
+            _diff_pass(*graphs, pass_modules, windows, float_weights, output_factors, acc, saved)
     gemms = [{"module": m, "layer": layer_of(m), "local_snr_db": acc.local[m].snr_db(),
               "output_snr_db": acc.accumulated[m].snr_db(), "output_cosine": float(acc.accumulated[m].cosine()),
               "input_clipped_fraction": float(np.mean(acc.clipped[m])) if acc.clipped[m] else None}

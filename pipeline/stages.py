@@ -68,12 +68,14 @@ ATTENTION_RANGES = "attention_ranges.json"
 GRAPH_LAYOUT = "float weight matrices stored FP16 in quantized.onnx"
 WEIGHTS_LAYOUT = "bits and group sizes as one sorted JSON metadata entry"  # in the key: older OUTs re-quantize
 VERIFICATION = "verification.json"  # everything verify measured; the report adds analysis of saved artifacts
+VERIFY_CHECKS = "layer-by-layer faithfulness"  # in the key: an older OUT's verification re-runs
 LAYERWISE = "layerwise.json"
 LAYERWISE_CHANNELS = "layerwise_channels.npz"  # per-module channel absmax before/after smoothing
 GRAPH_RANGE_WINDOWS = 8  # calibration windows the INT8 KV cache and attention ranges are observed on
 FAITHFULNESS_WINDOWS = 4
 FP16_GRAPH_WINDOWS = 2
 LAYERWISE_WINDOWS = 2
+LAYER_FAITHFULNESS_WINDOWS = 2  # the first faithfulness windows (FAITHFULNESS_WINDOWS)
 
 
 class Run:
@@ -464,20 +466,24 @@ def layerwise_check(run: Run, float_weights: SavedArrays, factors: dict[str, np.
 class TorchSide:
     """What verify computes with the PyTorch models, saved before any ONNX Runtime session opens, so that a model
     and a graph's session never share memory: the logits of the faithfulness windows (float<i>, and simulated<i>
-    from the fake-quant model), the layer-wise diff's inputs, the simulation's noise floor, generate()'s tokens."""
+    from the fake-quant model), the layer-wise diff's inputs, the simulation's noise floor, its comparison with
+    the Q/DQ graph layer by layer (pipeline/layer_faithfulness.py), generate()'s tokens."""
 
     logits: SavedArrays
     layerwise: tuple[SavedArrays, dict[str, np.ndarray]]
     noise_floor: dict
+    layer_by_layer: dict
     tokenizer: object
     prompts: list[list[int]]
     greedy_tokens: list[list[int]]
     stops: tuple[int, ...]
 
 
-def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path) -> TorchSide:
-    """The float model, then the smoothed one as the fake-quant simulation, one at a time; arrays kept in `folder`."""
-    from pipeline import verify
+def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path, graph_states: SavedArrays,
+                 layers: list[str]) -> TorchSide:
+    """The float model, then the smoothed one as the fake-quant simulation, one at a time; arrays kept in `folder`.
+    graph_states: the Q/DQ graph's, for the layer-by-layer comparison of `layers` (layer_faithfulness.simulate)."""
+    from pipeline import layer_faithfulness, verify
 
     logits = SavedArrays(folder / "logits")
     model, tokenizer, _ = run.model()
@@ -491,23 +497,32 @@ def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path) -
     layerwise = layerwise_inputs(run, model, plan, folder / "weights")  # the float weights, before they are replaced
     with fake_quantized(model, plan, load_quantized(run.path(WEIGHTS))):
         noise_floor = verify.save_simulation_logits(model, windows, logits, "simulated")
-    return TorchSide(logits, layerwise, noise_floor, tokenizer, prompts, greedy_tokens, stops)
+        layer_by_layer = layer_faithfulness.simulate(model, layers, windows[:LAYER_FAITHFULNESS_WINDOWS], graph_states)
+    graph_states.clear()
+    return TorchSide(logits, layerwise, noise_floor, layer_by_layer, tokenizer, prompts, greedy_tokens, stops)
 
 
 def verify_stage(run: Run) -> dict:
-    from pipeline import report_files, verify
+    from exporters.probes import layer_of
+    from pipeline import layer_faithfulness, report_files, verify
 
     build = read_json(run.path("manifest.json"))["stages"].get("build") or {}
     key = digest("verify", run.records.key("export"), run.records.details("calibrate"),
-                 {k: v for k, v in build.items() if k != "machine"})  # a plan built or not, not where build ran
+                 {k: v for k, v in build.items() if k != "machine"},  # a plan built or not, not where build ran
+                 VERIFY_CHECKS)
     if _up_to_date(run, "verify", key):
         return read_json(run.path(VERIFICATION))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
     evaluation = np.load(run.path(WINDOWS))["evaluation"]
     faithful_windows = evaluation[:FAITHFULNESS_WINDOWS]
     _whole_model_notice(run, "verify")
+    # Every decoder layer, whether or not it has a quantized linear.
+    layers = list(dict.fromkeys(layer_of(m.name) for m in plan.modules if m.status != "float"))
     with scratch_folder(run.path(VERIFICATION).with_suffix(".arrays")) as folder:
-        side = pytorch_side(run, plan, faithful_windows, folder)
+        graph_states = SavedArrays(folder / "graph_states")  # the Q/DQ graph's, before any PyTorch model loads
+        layer_faithfulness.save_graph_states(run.path(QUANTIZED), layers, evaluation[:LAYER_FAITHFULNESS_WINDOWS],
+                                         graph_states)
+        side = pytorch_side(run, plan, faithful_windows, folder, graph_states, layers)
         release_memory()  # the models are gone before the first session opens
         graph_outputs = SavedArrays(folder / "graphs")  # the reference's logits while the Q/DQ graph runs
         # Each FP32 graph runs once, in one session, for all its checks: PyTorch on the first windows, accuracy on
@@ -525,6 +540,7 @@ def verify_stage(run: Run) -> dict:
                                                                 f"{QUANTIZED} (vs PyTorch fake-quant; accuracy)")
             quantized_tokens = verify.onnx_greedy(quantized, side.prompts, verify.GENERATED_TOKENS, side.stops)
         quantized_vs_sim["noise_floor"] = side.noise_floor
+        quantized_vs_sim["layer_by_layer"] = side.layer_by_layer
         side.logits.clear()
         generation = generation_check(side, reference_tokens, quantized_tokens)
         floors = verify.precision_floors(run.path(REFERENCE_FP16), run.path(QUANTIZED_FP16),

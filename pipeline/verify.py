@@ -4,7 +4,8 @@ compared with each other (accuracy) and with PyTorch (export faithfulness)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,29 @@ class OpenGraph:
     def __exit__(self, *exc) -> None:
         self.session = None
         release_memory()
+
+
+@contextmanager
+def marked_graph(path: Path, names: list[str]) -> Iterator[OpenGraph]:
+    """A session of the graph that also outputs the intermediate tensors `names`. A session computes and holds every
+    output it was built with, fetched or not, so each check marks only what it reads. The marked graph is written
+    beside the original as a hidden file, so that it points into the original's data file (only the graph is
+    written, no copy of the weights), and deleted when the session closes."""
+    import onnx_ir as ir
+
+    from exporters.probes import with_outputs
+
+    marked = path.with_name(f".marked-{path.name}")
+    model = ir.load(path)
+    with_outputs(model, names)
+    ir.save(model, marked)  # external tensors keep their place in the original's data file
+    del model
+    release_memory()  # the IR graph holds reference cycles: free it before the session loads the weights
+    try:
+        with OpenGraph(marked) as graph:
+            yield graph
+    finally:
+        marked.unlink(missing_ok=True)
 
 
 def window_feeder(runner: OnnxrtRunner, reserved_slots: int = 0):

@@ -9,10 +9,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from calibration.quant import QuantPlan
-from pipeline import stages
+from calibration.gptq import load_quantized
+from calibration.quant import QuantPlan, fake_quantized
+from pipeline import report, stages
 from pipeline.artifacts import SavedArrays, read_json
 from pipeline.cli import config_from, parser, run
+from pipeline.layer_faithfulness import save_graph_states, simulate
 from pipeline.layerwise import layerwise_diff
 from tests.pipeline.test_cli import SMALL, assert_one_line_error, engine
 
@@ -71,7 +73,8 @@ def test_the_layerwise_diff_names_the_corrupted_layer(finished, diff_inputs, tmp
     corrupted = corrupted_copy(finished, tmp_path, initializer, change)
     found, _ = layerwise_diff(finished / stages.REFERENCE, corrupted, windows, float_weights, factors)
     # Its marked graphs and saved probes are gone from beside both graphs.
-    assert not [*finished.glob(".layerwise*"), *corrupted.parent.glob(".layerwise*")]
+    assert not [*finished.glob(".layerwise*"), *finished.glob(".marked*"), *corrupted.parent.glob(".layerwise*"),
+            *corrupted.parent.glob(".marked*")]
     assert found["first_large_error"] == culprit
     row = next(g for g in found["gemms"] if g["module"] == culprit)
     assert row["local_snr_db"] < found["large_error_threshold_db"]
@@ -79,6 +82,56 @@ def test_the_layerwise_diff_names_the_corrupted_layer(finished, diff_inputs, tmp
     healthy = {g["module"]: g["local_snr_db"] for g in read_json(finished / stages.LAYERWISE)["gemms"]}
     for g in found["gemms"][: [x["module"] for x in found["gemms"]].index(culprit)]:
         assert g["local_snr_db"] == pytest.approx(healthy[g["module"]], abs=0.01)
+
+
+LAYERS = ["model.layers.0", "model.layers.1"]
+
+
+@pytest.fixture(scope="module")
+def simulation(finished, tiny_model_dir, corpus):
+    """The PyTorch fake-quant simulation of the finished run, as verify builds it."""
+    args = parser().parse_args(["verify", "--model", str(tiny_model_dir), "--out", str(finished),
+                                "--calib", str(corpus), *SMALL])
+    model, _ = stages.smoothed_model(stages.Run(config_from(args)))
+    plan = QuantPlan.from_json(read_json(finished / stages.PLAN))
+    with fake_quantized(model, plan, load_quantized(finished / stages.WEIGHTS)):
+        yield model
+
+
+def layer_by_layer(graph: Path, simulated, windows, tmp_path) -> dict:
+    saved = SavedArrays(tmp_path / "graph_states")
+    save_graph_states(graph, LAYERS, windows, saved)
+    return simulate(simulated, LAYERS, windows, saved)
+
+
+def test_verify_holds_every_layer_and_the_logits_to_the_simulation_fed_the_graph_inputs(finished):
+    faithfulness = read_json(finished / stages.VERIFICATION)["export_faithfulness"]
+    found = faithfulness["quantized_onnx_vs_pytorch_fake_quant"]["layer_by_layer"]
+    assert [r["layer"] for r in found["layers"]] == LAYERS and found["windows"] == 2
+    # The tiny graph computes the simulation to float precision: far above the 0.999 threshold.
+    assert found["update_cosine_min"] > 0.99999 and found["logits"]["cosine_min"] > 0.99999
+    assert found["logits"]["top1_agreement"] == 1.0
+    assert faithfulness["faithful"] is True
+    assert "layer by layer: logits" in (finished / "report.md").read_text()
+
+
+@pytest.mark.parametrize("initializer, change, culprit", [
+    (f"{LAYER_1_O_PROJ}.input_scale", lambda scale: scale * 100, "model.layers.1"),
+    (f"{LAYER_0_GATE}.weight_quantized", lambda codes: -codes.astype(np.int16).clip(-127, 127), "model.layers.0"),
+], ids=["activation scale x100", "negated weight"])
+def test_layer_by_layer_names_the_layer_the_export_got_wrong_and_no_other(finished, simulation, tmp_path,
+                                                                         initializer, change, culprit):
+    windows = np.load(finished / stages.WINDOWS)["evaluation"]
+    found = layer_by_layer(corrupted_copy(finished, tmp_path, initializer, change), simulation, windows, tmp_path)
+    assert not list(tmp_path.glob(".marked*"))  # the marked graph goes with its session
+    assert found["least_faithful_layer"] == culprit
+    rows = {r["layer"]: r["update_cosine"] for r in found["layers"]}
+    assert rows[culprit] < 0.999
+    # Fed the corrupted graph's own input, the other layer still matches: the error is not carried forward.
+    assert all(cosine > 0.99999 for layer, cosine in rows.items() if layer != culprit)
+    quantized_vs_sim = {**read_json(finished / stages.VERIFICATION)["export_faithfulness"][
+        "quantized_onnx_vs_pytorch_fake_quant"], "layer_by_layer": found}  # end to end as the healthy run's
+    assert report.faithful(quantized_vs_sim) is False
 
 
 def test_report_from_saved_artifacts_has_figures_outliers_and_the_layer_table(finished, capsys):
@@ -218,8 +271,9 @@ def test_verify_opens_one_onnx_runtime_session_at_a_time_once_per_graph(finished
     assert run(["verify", "--model", str(tiny_model_dir), "--out", str(finished), "--calib", str(corpus), *SMALL]) == 0
     assert overlaps == []
     graphs = ("reference.onnx", "quantized.onnx", "reference.fp16.onnx", "quantized.fp16.onnx")
-    assert [name for name in opened if name in graphs] == list(graphs)
-    assert len(opened) == len(graphs) + 2  # and the layer-wise diff's marked pair (one pass for 2 layers)
+    # First the Q/DQ graph marked for the layer-by-layer comparison (before any PyTorch model loads), last the
+    # layer-wise diff's marked pair (one pass for 2 layers).
+    assert opened == [".marked-quantized.onnx", *graphs, ".marked-reference.onnx", ".marked-quantized.onnx"]
     # Logits are compared beside the Q/DQ graph's session only (its accuracy against the saved reference, streamed):
     # the reference's and the FP16 graphs' logits wait on disk until their session has closed.
     assert set(compared_beside) == {"quantized.onnx"}
