@@ -12,6 +12,7 @@ something else (a wrong scale, axis or weight in the export) stands out as that 
 
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,7 +86,9 @@ def simulate(model: torch.nn.Module, layers: list[str], windows: np.ndarray, sav
             updates[name].add(y_sim.numpy() - x, y_graph - x)
     rows = [{"layer": name, "update_cosine": float(e.cosine()), "update_snr_db": e.snr_db()}
             for name, e in updates.items()]
-    least = min(rows, key=lambda r: r["update_cosine"])
+    snrs = [r["update_snr_db"] for r in rows if r["update_snr_db"] is not None]  # None: identical
+    # Named by error power, not cosine: cosine is blind to a gain error (a wrong scale on a whole GEMM).
+    least = min(rows, key=lambda r: math.inf if r["update_snr_db"] is None else r["update_snr_db"])
     return {"windows": len(windows), "logits": logits.summary(), "layers": rows,
-            "update_cosine_min": least["update_cosine"], "least_faithful_layer": least["layer"],
-            "identical_layers": sum(r["update_snr_db"] is None for r in rows)}
+            "update_cosine_min": min(r["update_cosine"] for r in rows), "update_snr_db_min": min(snrs, default=None),
+            "least_faithful_layer": least["layer"], "identical_layers": len(rows) - len(snrs)}

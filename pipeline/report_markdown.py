@@ -86,10 +86,7 @@ def render_markdown(r: dict, images: list[str]) -> str:
         *_layer_by_layer_lines(f["quantized_onnx_vs_pytorch_fake_quant"].get("layer_by_layer")),
         "",
         f"Reference ONNX within the float tolerance: {'yes' if f['reference_within_float_tolerance'] else 'NO'}. "
-        f"Q/DQ faithful (layer by layer: every layer's update and the logits at cosine >= {f['threshold_cosine']}; "
-        f"end to end: cosine min >= {f['threshold_cosine']}"
-        f"{', or mean deviation within twice the noise floor' if f['noise_floor_allowance'] else ''}): "
-        f"{FAITHFUL_WORDS[f['faithful']]}.",
+        f"Q/DQ faithful ({_faithfulness_rule(f)}): {FAITHFUL_WORDS[f['faithful']]}.",
         "",
         *_layerwise_lines(r["layerwise"]),
         *_outlier_lines(r["outliers"], images),
@@ -101,19 +98,27 @@ def render_markdown(r: dict, images: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _faithfulness_rule(f: dict) -> str:
+    end_to_end = (f"cosine min >= {f['threshold_cosine']}"
+                  f"{', or mean deviation within twice the noise floor' if f['noise_floor_allowance'] else ''}")
+    if "threshold_layer_snr_db" not in f:  # a verification.json from before the layer-by-layer check
+        return end_to_end
+    return (f"layer by layer: every layer's update and the logits at cosine >= {f['threshold_cosine']} and SNR >= "
+            f"{f['threshold_layer_snr_db']:.1f} dB; end to end: {end_to_end}")
+
+
 def _layer_by_layer_lines(lbl: dict | None) -> list[str]:
     """The Q/DQ graph against the simulation with every simulated layer fed the graph's input to it (absent from
     an older verification.json)."""
     if lbl is None:
         return []
-    lowest_snr = min((r["update_snr_db"] for r in lbl["layers"] if r["update_snr_db"] is not None), default=None)
     return [
         _metric_row("Q/DQ ONNX vs PyTorch fake-quant, layer by layer: logits", lbl["logits"]),
         "",
         f"Layer by layer ({lbl['windows']} windows): each simulated decoder layer reads the graph's output of the "
         "previous block, so a rounding flipped by float summation order stays in the layer where it happened. "
-        f"Update (block output minus input) cosine min {lbl['update_cosine_min']:.6f} "
-        f"({lbl['least_faithful_layer']}), SNR min {_db(lowest_snr)} dB; {lbl['identical_layers']} of "
+        f"Update (block output minus input) cosine min {lbl['update_cosine_min']:.6f}, "
+        f"SNR min {_db(lbl['update_snr_db_min'])} dB ({lbl['least_faithful_layer']}); {lbl['identical_layers']} of "
         f"{len(lbl['layers'])} layers identical.",
     ]
 

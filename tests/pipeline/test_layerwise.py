@@ -98,6 +98,11 @@ def simulation(finished, tiny_model_dir, corpus):
         yield model
 
 
+def clean(snr_db: float | None) -> bool:
+    """Float-precision agreement (None: identical); the verdict's threshold is 27 dB."""
+    return snr_db is None or snr_db > 50
+
+
 def layer_by_layer(graph: Path, simulated, windows, tmp_path) -> dict:
     saved = SavedArrays(tmp_path / "graph_states")
     save_graph_states(graph, LAYERS, windows, saved)
@@ -110,25 +115,31 @@ def test_verify_holds_every_layer_and_the_logits_to_the_simulation_fed_the_graph
     assert [r["layer"] for r in found["layers"]] == LAYERS and found["windows"] == 2
     # The tiny graph computes the simulation to float precision: far above the 0.999 threshold.
     assert found["update_cosine_min"] > 0.99999 and found["logits"]["cosine_min"] > 0.99999
+    assert all(clean(snr) for snr in (found["update_snr_db_min"], found["logits"]["snr_db"]))
     assert found["logits"]["top1_agreement"] == 1.0
     assert faithfulness["faithful"] is True
     assert "layer by layer: logits" in (finished / "report.md").read_text()
 
 
-@pytest.mark.parametrize("initializer, change, culprit", [
-    (f"{LAYER_1_O_PROJ}.input_scale", lambda scale: scale * 100, "model.layers.1"),
-    (f"{LAYER_0_GATE}.weight_quantized", lambda codes: -codes.astype(np.int16).clip(-127, 127), "model.layers.0"),
-], ids=["activation scale x100", "negated weight"])
+@pytest.mark.parametrize("initializer, change, culprit, along_the_signal", [
+    (f"{LAYER_1_O_PROJ}.input_scale", lambda scale: scale * 100, "model.layers.1", False),
+    (f"{LAYER_0_GATE}.weight_quantized", lambda codes: -codes.astype(np.int16).clip(-127, 127), "model.layers.0",
+     False),
+    (f"{LAYER_1_O_PROJ}.weight_scale", lambda scale: scale * 1.2, "model.layers.1", True),
+], ids=["activation scale x100", "negated weight", "weight scales x1.2"])
 def test_layer_by_layer_names_the_layer_the_export_got_wrong_and_no_other(finished, simulation, tmp_path,
-                                                                         initializer, change, culprit):
+                                                                         initializer, change, culprit,
+                                                                         along_the_signal):
     windows = np.load(finished / stages.WINDOWS)["evaluation"]
     found = layer_by_layer(corrupted_copy(finished, tmp_path, initializer, change), simulation, windows, tmp_path)
     assert not list(tmp_path.glob(".marked*"))  # the marked graph goes with its session
     assert found["least_faithful_layer"] == culprit
-    rows = {r["layer"]: r["update_cosine"] for r in found["layers"]}
-    assert rows[culprit] < 0.999
+    rows = {r["layer"]: r for r in found["layers"]}
+    assert rows[culprit]["update_snr_db"] < report.faithful_snr_db(report.FAITHFUL_COSINE)
+    # A gain error leaves the update's direction almost as it was: the cosine alone would pass it, the SNR does not.
+    assert (rows[culprit]["update_cosine"] >= report.FAITHFUL_COSINE) == along_the_signal
     # Fed the corrupted graph's own input, the other layer still matches: the error is not carried forward.
-    assert all(cosine > 0.99999 for layer, cosine in rows.items() if layer != culprit)
+    assert all(r["update_cosine"] > 0.99999 and clean(r["update_snr_db"]) for layer, r in rows.items() if layer != culprit)
     quantized_vs_sim = {**read_json(finished / stages.VERIFICATION)["export_faithfulness"][
         "quantized_onnx_vs_pytorch_fake_quant"], "layer_by_layer": found}  # end to end as the healthy run's
     assert report.faithful(quantized_vs_sim) is False
