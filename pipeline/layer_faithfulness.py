@@ -69,10 +69,10 @@ def fed_graph_inputs(layers: list[torch.nn.Module], graph_blocks: np.ndarray, in
 
 
 def simulate(model: torch.nn.Module, layers: list[str], windows: np.ndarray, saved: MutableMapping) -> dict:
-    """The fake-quant `model`, each layer fed the graph's input to it, on the graph states save_graph_states kept in `saved`. Per layer, the
-    update it adds to the residual stream (block output minus block input: the input is the same on both sides, and
-    comparing whole outputs would credit the layer with the stream it was handed), simulation against graph; and
-    the logits, simulation against graph."""
+    """The fake-quant `model` with each layer fed the graph's input to it (the graph states save_graph_states kept in
+    `saved`), against the graph. Per layer, the update it adds to the residual stream (block output minus block
+    input: the input is the same on both sides, and comparing whole outputs would credit the layer with the stream
+    it was handed); and the logits."""
     modules = [model.get_submodule(name) for name in layers]
     updates = {name: TensorError() for name in layers}
     logits = PairStats()

@@ -21,6 +21,10 @@ FAITHFUL_WORDS = {True: "yes", False: "NO", None: "not judged (INT8 KV cache or 
                                                    "rounding)"}
 
 
+def faithful_cosine(weight_only: bool) -> float:
+    return FAITHFUL_COSINE_WEIGHT_ONLY if weight_only else FAITHFUL_COSINE
+
+
 def faithful_snr_db(cosine: float) -> float:
     """The SNR a cosine of `cosine` allows when the error is orthogonal to the signal (1 - cos ~ |e|^2 / 2|x|^2 for
     a small error e): 27.0 dB at 0.999, 37.0 dB at 0.9999. Held beside the cosine, it catches what a cosine is blind
@@ -36,11 +40,11 @@ def faithful(quantized_vs_sim: dict, weight_only: bool = False) -> bool:
       (SDPA vs eager attention in PyTorch) also passes, since a flipped rounding travels through a discontinuous
       model and no implementation can match it end to end more closely than that. A weight-only graph is
       continuous: no allowance."""
-    threshold = FAITHFUL_COSINE_WEIGHT_ONLY if weight_only else FAITHFUL_COSINE
-    layers, snr_floor = quantized_vs_sim["layer_by_layer"], faithful_snr_db(threshold)
+    threshold = faithful_cosine(weight_only)
+    by_layer, snr_floor = quantized_vs_sim["layer_by_layer"], faithful_snr_db(threshold)
     layer_by_layer = all(cosine >= threshold and (snr is None or snr >= snr_floor) for cosine, snr in (
-        (layers["update_cosine_min"], layers["update_snr_db_min"]),
-        (layers["logits"]["cosine_min"], layers["logits"]["snr_db"])))
+        (by_layer["update_cosine_min"], by_layer["update_snr_db_min"]),
+        (by_layer["logits"]["cosine_min"], by_layer["logits"]["snr_db"])))
     end_to_end = quantized_vs_sim["cosine_min"] >= threshold
     if not weight_only:
         deviation = 1.0 - quantized_vs_sim["cosine_mean"]
@@ -144,8 +148,8 @@ def build_report(config: RunConfig, manifest: dict, plan: QuantPlan, accuracy: d
             "reference_onnx_vs_pytorch_fp32": reference_vs_torch,
             "reference_within_float_tolerance": within(reference_vs_torch, limits["float"]),
             "quantized_onnx_vs_pytorch_fake_quant": quantized_vs_sim,
-            "threshold_cosine": FAITHFUL_COSINE_WEIGHT_ONLY if weight_only else FAITHFUL_COSINE,
-            "threshold_layer_snr_db": faithful_snr_db(FAITHFUL_COSINE_WEIGHT_ONLY if weight_only else FAITHFUL_COSINE),
+            "threshold_cosine": faithful_cosine(weight_only),
+            "threshold_layer_snr_db": faithful_snr_db(faithful_cosine(weight_only)),
             "noise_floor_allowance": not weight_only,
             # The PyTorch simulation has no INT8 KV cache and no INT8 attention matmuls: with either, the comparison
             # also holds their own rounding, so no verdict on the export is possible from it.

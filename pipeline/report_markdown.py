@@ -116,7 +116,7 @@ def _layer_by_layer_lines(lbl: dict | None) -> list[str]:
         _metric_row("Q/DQ ONNX vs PyTorch fake-quant, layer by layer: logits", lbl["logits"]),
         "",
         f"Layer by layer ({lbl['windows']} windows): each simulated decoder layer reads the graph's output of the "
-        "previous block, so a rounding flipped by float summation order stays in the layer where it happened. "
+        "previous block, so an error (a rounding flipped by float summation order) stays in the layer where it arose. "
         f"Update (block output minus input) cosine min {lbl['update_cosine_min']:.6f}, "
         f"SNR min {_db(lbl['update_snr_db_min'])} dB ({lbl['least_faithful_layer']}); {lbl['identical_layers']} of "
         f"{len(lbl['layers'])} layers identical.",
