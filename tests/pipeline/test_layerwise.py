@@ -145,6 +145,19 @@ def test_layer_by_layer_names_the_layer_the_export_got_wrong_and_no_other(finish
     assert report.faithful(quantized_vs_sim) is False
 
 
+def test_report_from_a_verification_made_before_the_layer_by_layer_check(finished, tmp_path):
+    """`make report` on an OUT verified by an earlier version: the report states the rule that OUT was judged by."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    verification = read_json(out / stages.VERIFICATION)
+    faithfulness = verification["export_faithfulness"]
+    del faithfulness["quantized_onnx_vs_pytorch_fake_quant"]["layer_by_layer"], faithfulness["threshold_layer_snr_db"]
+    (out / stages.VERIFICATION).write_text(json.dumps(verification))
+    assert run(["report", "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "layer by layer" not in md and "Q/DQ faithful (cosine min >= 0.999, or mean deviation" in md
+
+
 def test_report_from_saved_artifacts_has_figures_outliers_and_the_layer_table(finished, capsys):
     for name in ("report.json", "report.md", "report.html"):
         (finished / name).unlink()
