@@ -73,8 +73,8 @@ def test_the_layerwise_diff_names_the_corrupted_layer(finished, diff_inputs, tmp
     corrupted = corrupted_copy(finished, tmp_path, initializer, change)
     found, _ = layerwise_diff(finished / stages.REFERENCE, corrupted, windows, float_weights, factors)
     # Its marked graphs and saved probes are gone from beside both graphs.
-    assert not [*finished.glob(".layerwise*"), *finished.glob(".marked*"), *corrupted.parent.glob(".layerwise*"),
-            *corrupted.parent.glob(".marked*")]
+    assert not [path for folder in (finished, corrupted.parent) for pattern in (".layerwise*", ".marked*")
+                for path in folder.glob(pattern)]
     assert found["first_large_error"] == culprit
     row = next(g for g in found["gemms"] if g["module"] == culprit)
     assert row["local_snr_db"] < found["large_error_threshold_db"]
@@ -139,7 +139,8 @@ def test_layer_by_layer_names_the_layer_the_export_got_wrong_and_no_other(finish
     # A gain error leaves the update's direction almost as it was: the cosine alone would pass it, the SNR does not.
     assert (rows[culprit]["update_cosine"] >= report.FAITHFUL_COSINE) == along_the_signal
     # Fed the corrupted graph's own input, the other layer still matches: the error is not carried forward.
-    assert all(r["update_cosine"] > 0.99999 and clean(r["update_snr_db"]) for layer, r in rows.items() if layer != culprit)
+    others = [r for layer, r in rows.items() if layer != culprit]
+    assert others and all(r["update_cosine"] > 0.99999 and clean(r["update_snr_db"]) for r in others)
     quantized_vs_sim = {**read_json(finished / stages.VERIFICATION)["export_faithfulness"][
         "quantized_onnx_vs_pytorch_fake_quant"], "layer_by_layer": found}  # end to end as the healthy run's
     assert report.faithful(quantized_vs_sim) is False
