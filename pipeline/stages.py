@@ -521,7 +521,7 @@ def verify_stage(run: Run) -> dict:
     with scratch_folder(run.path(VERIFICATION).with_suffix(".arrays")) as folder:
         graph_states = SavedArrays(folder / "graph_states")  # the Q/DQ graph's, before any PyTorch model loads
         layer_faithfulness.save_graph_states(run.path(QUANTIZED), layers, evaluation[:LAYER_FAITHFULNESS_WINDOWS],
-                                         graph_states)
+                                             graph_states)
         side = pytorch_side(run, plan, faithful_windows, folder, graph_states, layers)
         release_memory()  # the models are gone before the first session opens
         graph_outputs = SavedArrays(folder / "graphs")  # the reference's logits while the Q/DQ graph runs
