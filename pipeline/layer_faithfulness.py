@@ -40,6 +40,7 @@ def save_graph_states(path: Path, layers: list[str], windows: np.ndarray, saved:
             got = fetch(graph, window, ["logits", *names])
             saved[f"logits{i}"] = got.pop("logits")
             saved[f"blocks{i}"] = np.stack(list(got.values()))
+            del got  # not beside the next window's run (verify.py's note)
 
 
 @contextmanager
@@ -84,6 +85,7 @@ def simulate(model: torch.nn.Module, layers: list[str], windows: np.ndarray, sav
         for name, x, y_sim, y_graph in zip(layers, inputs, outputs, graph_blocks):
             x = x.numpy()
             updates[name].add(y_sim.numpy() - x, y_graph - x)
+        del graph_blocks, inputs, outputs, simulated  # not beside the next window's forward (verify.py's note)
     rows = [{"layer": name, "update_cosine": float(e.cosine()), "update_snr_db": e.snr_db()}
             for name, e in updates.items()]
     snrs = [r["update_snr_db"] for r in rows if r["update_snr_db"] is not None]  # None: identical

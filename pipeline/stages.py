@@ -483,6 +483,7 @@ def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path, g
                  layers: list[str]) -> TorchSide:
     """The float model, then the smoothed one as the fake-quant simulation, one at a time; arrays kept in `folder`.
     graph_states: the Q/DQ graph's, for the layer-by-layer comparison of `layers` (layer_faithfulness.simulate)."""
+    from exporters.onnx_export import drop_weights
     from pipeline import layer_faithfulness, verify
 
     logits = SavedArrays(folder / "logits")
@@ -495,6 +496,8 @@ def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path, g
     release_memory()
     model, _ = smoothed_model(run)
     layerwise = layerwise_inputs(run, model, plan, folder / "weights")  # the float weights, before they are replaced
+    # The simulation computes from the integer codes: the float weights they replace (SmolLM2: 425 MB) go first.
+    drop_weights(model, [m.name for m in plan.quantized()])
     with fake_quantized(model, plan, load_quantized(run.path(WEIGHTS))):
         noise_floor = verify.save_simulation_logits(model, windows, logits, "simulated")
         layer_by_layer = layer_faithfulness.simulate(model, layers, windows[:LAYER_FAITHFULNESS_WINDOWS], graph_states)

@@ -1,5 +1,10 @@
 """Verification on CPU: Polygraphy's ONNX Runtime backend runs the reference and Q/DQ graphs on real token windows,
-compared with each other (accuracy) and with PyTorch (export faithfulness)."""
+compared with each other (accuracy) and with PyTorch (export faithfulness).
+
+Loops over windows delete each window's arrays at the end of their body: a loop variable stays bound while the
+next item is computed, so the previous window's logits (100 MB on SmolLM2) would be alive during the next
+session run or file read.
+"""
 
 from __future__ import annotations
 
@@ -119,6 +124,7 @@ def save_simulation_logits(model: torch.nn.Module, windows: np.ndarray, saved: M
         saved[f"{prefix}{i}"] = expected = torch_logits(model, window)
         with eager_attention(model):
             floor.add(expected, torch_logits(model, window))
+        del expected  # gone before the next window's (module note)
     return floor.summary()
 
 
@@ -128,7 +134,7 @@ def session_logits(session: ort.InferenceSession, windows: np.ndarray, label: st
     with OnnxrtRunner(session) as runner:
         feed = window_feeder(runner)
         for window in tqdm(windows, desc=label, unit="window", disable=label is None):
-            yield runner.infer(feed(window))["logits"].astype(np.float32)
+            yield runner.infer(feed(window))["logits"].astype(np.float32, copy=False)  # FP16 graphs: a float32 copy
 
 
 def graph_logits(path: Path, windows: np.ndarray, label: str | None = None,
@@ -164,6 +170,7 @@ def pair_metrics(windows: np.ndarray, reference_logits, candidate_logits) -> dic
     metrics = PairMetrics()
     for window, ref, cand in zip(windows, reference_logits, candidate_logits):
         metrics.add(window, ref, cand)
+        del ref, cand  # gone before the next window's (module note)
     return metrics.summary()
 
 
@@ -174,6 +181,7 @@ def compare_graphs(reference: Path, candidate: Path, windows: np.ndarray, label:
     sessions side by side would hold both models' weights and ONNX Runtime arenas at once."""
     for i, values in enumerate(graph_logits(reference, windows, f"{label}: {reference.name}")):
         saved[f"reference{i}"] = values
+        del values  # gone before the next window's (module note)
     kept = (saved[f"reference{i}"] for i in range(len(windows)))
     result = pair_metrics(windows, kept, graph_logits(candidate, windows, f"{label}: {candidate.name}",
                                                       candidate_disabled_optimizers))
@@ -188,6 +196,7 @@ def save_reference_logits(graph: OpenGraph, windows: np.ndarray, saved: MutableM
     SmolLM2's reference pass from 1,475 to 1,657-1,742 MB."""
     for i, logits in enumerate(session_logits(graph.session, windows, label)):
         saved[f"reference{i}"] = logits
+        del logits  # gone before the next window's (module note)
 
 
 def faithfulness(expected: Iterable[np.ndarray], logits: Iterable[np.ndarray]) -> dict:
@@ -196,6 +205,7 @@ def faithfulness(expected: Iterable[np.ndarray], logits: Iterable[np.ndarray]) -
     stats = PairStats()
     for baseline, candidate in zip(expected, logits):
         stats.add(baseline, candidate)
+        del baseline, candidate  # gone before the next window's (module note)
     return stats.summary()
 
 
@@ -214,6 +224,7 @@ def check_quantized(graph: OpenGraph, windows: np.ndarray, simulated_logits: Ite
             saved[f"quantized{i}"] = logits
         else:
             del saved[f"reference{i}"]
+        del logits, simulated  # gone before the next window's (module note)
     return faithful.summary(), accuracy.summary()
 
 
@@ -231,6 +242,7 @@ def precision_floors(reference_fp16: Path, quantized_fp16: Path, windows: np.nda
     for label, path in (("reference_fp16", reference_fp16), ("quantized_fp16", quantized_fp16)):
         for i, values in enumerate(graph_logits(path, windows, f"{path.name} (precision floors)")):
             saved[f"{label}{i}"] = values
+            del values  # gone before the next window's (module note)
 
     float_floor = pair_metrics(windows, saved.numbered("reference", len(windows)),
                                saved.numbered("reference_fp16", len(windows)))
@@ -239,6 +251,7 @@ def precision_floors(reference_fp16: Path, quantized_fp16: Path, windows: np.nda
         qdq_fp16 = saved[f"quantized_fp16{i}"]
         quantized_floor.add(window, saved[f"quantized{i}"], qdq_fp16)
         fp16_qdq.add(window, saved[f"reference{i}"], qdq_fp16)
+        del qdq_fp16  # gone before the next window's (module note)
     saved.clear()
     return {"float": float_floor, "quantized": quantized_floor.summary(), "fp16_qdq_vs_reference": fp16_qdq.summary()}
 

@@ -303,3 +303,22 @@ def test_verify_opens_one_onnx_runtime_session_at_a_time_once_per_graph(finished
     # the reference's and the FP16 graphs' logits wait on disk until their session has closed.
     assert set(compared_beside) == {"quantized.onnx"}
     assert not [p for p in finished.iterdir() if p.name.startswith(".")]  # scratch folders removed with the stage
+
+
+def test_the_simulation_runs_without_the_float_weights_its_integer_codes_replace(finished, tiny_model_dir, corpus,
+                                                                                monkeypatch):
+    """Verify's fake-quant simulation computes from the integer codes: the quantized linears' float weights (SmolLM2:
+    425 MB) are freed before it, and its logits still match the Q/DQ graph's at float level."""
+    seen = {}
+
+    def recording(model, plan, weights=None):
+        seen.update({m.name: model.get_submodule(m.name).weight.numel() for m in plan.quantized()})
+        return fake_quantized(model, plan, weights)
+
+    monkeypatch.setattr(stages, "fake_quantized", recording)
+    (finished / "stages" / "verify.json").unlink()
+    assert run(["verify", "--model", str(tiny_model_dir), "--out", str(finished), "--calib", str(corpus), *SMALL]) == 0
+    assert seen and set(seen.values()) == {0}
+    faithfulness = read_json(finished / stages.VERIFICATION)["export_faithfulness"]
+    found = faithfulness["quantized_onnx_vs_pytorch_fake_quant"]
+    assert found["layer_by_layer"]["logits"]["cosine_min"] > 0.99999 and faithfulness["faithful"] is True
