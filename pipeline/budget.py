@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from calibration.gptq import QuantizedWeight
-from calibration.quant import QuantPlan, fake_quantized, keep_float
+from calibration.plan import QuantPlan
+from calibration.quant import fake_quantized, keep_float
 from calibration.smoothing import layer_groups
 from pipeline.accuracy_target import METRICS, PERPLEXITY_BOUND, Target
 from pipeline.metrics import Perplexity, kl_divergence
@@ -76,7 +77,7 @@ class HoldoutJudge:
         batches = batch_logits(self.model, self.holdout, self.batch_size)
         for (ids, logits), reference in zip(batches, self.reference_logits):
             nll += add_windows(perplexity, logits, ids)
-            kl = kl_divergence(reference[:, :-1], logits[:, :-1], torch.float32)  # the positions perplexity scores
+            kl = kl_divergence(reference[:, :-1], logits[:, :-1], np.float32)  # the positions perplexity scores
             kl_sum, positions = kl_sum + float(kl.sum()), positions + kl.size
         value = perplexity.value()
         return {"perplexity": value, "perplexity_delta_percent": 100 * (value / self.reference_perplexity - 1),

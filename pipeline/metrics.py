@@ -1,7 +1,9 @@
 """Comparison metrics of two models' outputs on the same inputs: small pure functions and streaming accumulators.
 
-Inputs are numpy arrays [..., features] (logits: [batch, positions, vocab]); the maths runs in float64 torch
-tensors (multi-threaded: a SmolLM2 window is 512 x 49,152 logits, and the KL floor being measured is ~1e-6).
+Inputs are arrays [..., features] (logits: [batch, positions, vocab]; numpy, or CPU torch tensors); the maths runs
+in float64 numpy (a SmolLM2 window is 512 x 49,152 logits, and the KL floor being measured is ~1e-6). numpy, not
+torch: verify's graph checks run in a process that never imports torch (pipeline/verify_stage.py), and on SmolLM2
+logits numpy took 0.56 s a window against torch's 0.52 s (two threads).
 """
 
 from __future__ import annotations
@@ -10,42 +12,47 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 
 # Positions converted to float64 at a time: a whole SmolLM2 window is 512 x 49,152 logits, 200 MB per float64 copy,
-# and the metrics make several. 8 rows (3 MB per temporary) measured faster than 64 on SmolLM2 logits (0.40 against
-# 0.53 s a window) and kept the heap from growing: 64-row temporaries (25 MB) are served from glibc's heap once its
-# mmap threshold has risen, and fragment it (a window's metrics alone peaked 330 MB higher).
+# and the metrics make several. 8 rows (3 MB per temporary) measured faster than 64 on SmolLM2 logits and kept the
+# heap from growing: larger temporaries are served from glibc's heap once its mmap threshold has risen, and
+# fragment it (a window's metrics alone peaked 330 MB higher with 64).
 CHUNK_ROWS = 8
 
 
-def _rows(x: np.ndarray | torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    t = torch.as_tensor(x)
-    return t.reshape(-1, t.shape[-1]).to(dtype)
+def _rows(x, dtype=np.float64) -> np.ndarray:
+    a = np.asarray(x)
+    return a.reshape(-1, a.shape[-1]).astype(dtype, copy=False)
 
 
-def _row_chunks(x: np.ndarray | torch.Tensor):
+def _row_chunks(x):
     """[positions, features] float64 pieces of x, CHUNK_ROWS positions each."""
-    t = torch.as_tensor(x)
-    return (chunk.to(torch.float64) for chunk in t.reshape(-1, t.shape[-1]).split(CHUNK_ROWS))
+    rows = np.asarray(x).reshape(-1, np.shape(x)[-1])
+    return (rows[i : i + CHUNK_ROWS].astype(np.float64) for i in range(0, len(rows), CHUNK_ROWS))
 
 
-def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+def logsumexp(x: np.ndarray) -> np.ndarray:
+    peak = x.max(-1)
+    return peak + np.log(np.exp(x - peak[:, None]).sum(-1))
+
+
+def next_token_nll(logits, ids: np.ndarray) -> tuple[float, int]:
     """Sum and count of -log p(token t+1 | tokens <= t) over a [batch, seq] window: logsumexp - target logit."""
-    targets = torch.as_tensor(ids[:, 1:]).reshape(-1, 1).long().split(CHUNK_ROWS)
+    targets = np.asarray(ids)[:, 1:].reshape(-1).astype(np.int64)
     total, count = 0.0, 0
-    for x, target in zip(_row_chunks(logits[:, :-1]), targets):
-        nll = torch.logsumexp(x, dim=-1) - x.gather(-1, target).squeeze(-1)
-        total, count = total + float(nll.sum()), count + int(nll.numel())
+    for start, x in zip(range(0, len(targets), CHUNK_ROWS), _row_chunks(np.asarray(logits)[:, :-1])):
+        target = targets[start : start + CHUNK_ROWS]
+        nll = logsumexp(x) - x[np.arange(len(target)), target]
+        total, count = total + float(nll.sum()), count + int(nll.size)
     return total, count
 
 
 def cosines(a, b) -> np.ndarray:
     """Cosine between a and b per row (per position for logits)."""
     a64, b64 = _rows(a), _rows(b)
-    den = a64.norm(dim=-1) * b64.norm(dim=-1)
-    return ((a64 * b64).sum(-1) / den.clamp(min=1e-30)).numpy()
+    den = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
+    return np.einsum("ij,ij->i", a64, b64) / np.maximum(den, 1e-30)
 
 
 def snr_db(signal_power: float, error_power: float) -> float | None:
@@ -55,21 +62,25 @@ def snr_db(signal_power: float, error_power: float) -> float | None:
     return 10.0 * math.log10(max(signal_power, 1e-300) / error_power)
 
 
-def kl_divergence(reference_logits, candidate_logits, dtype: torch.dtype = torch.float64) -> np.ndarray:
-    """KL(p_reference || p_candidate) of the next-token distributions, per position, in nats. float32 is 3x faster
-    and agreed with float64 to 1e-8 nats in the mean on 2,044 x 49,152 logits: enough to rank candidates (budget),
-    not to measure a precision floor of ~1e-6 (verify keeps float64)."""
-    log_p = torch.log_softmax(_rows(reference_logits, dtype), dim=-1)
-    log_q = torch.log_softmax(_rows(candidate_logits, dtype), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).numpy()
+def kl_divergence(reference_logits, candidate_logits, dtype=np.float64) -> np.ndarray:
+    """KL(p_reference || p_candidate) of the next-token distributions, per position, in nats, from the logits x, y:
+    sum p (x - y) - logsumexp(x) + logsumexp(y), p = softmax(x) (two exponentials a row, where the log-softmax form
+    takes three and twice the temporaries). float32 agreed with float64 to 1e-8 nats in the mean on 2,044 x 49,152
+    logits: enough to rank candidates (budget), not to measure a precision floor of ~1e-6 (verify keeps float64)."""
+    x, y = _rows(reference_logits, dtype), _rows(candidate_logits, dtype)
+    peak = x.max(-1)
+    weights = np.exp(x - peak[:, None])  # p times its row's normaliser
+    normaliser = weights.sum(-1)
+    return np.einsum("ij,ij->i", weights, x - y) / normaliser - (peak + np.log(normaliser)) + logsumexp(y)
 
 
 def top_k_hits(reference_logits, candidate_logits, k: int) -> np.ndarray:
     """Per position: is the reference's top-1 token among the candidate's k most likely?"""
     ref_top1 = _rows(reference_logits).argmax(-1)
     cand = _rows(candidate_logits)
-    top = cand.topk(min(k, cand.shape[-1]), dim=-1).indices
-    return (top == ref_top1[:, None]).any(-1).numpy()
+    k = min(k, cand.shape[-1])
+    top = np.argpartition(cand, -k, axis=-1)[:, -k:]
+    return (top == ref_top1[:, None]).any(-1)
 
 
 @dataclass
@@ -93,13 +104,14 @@ class PairStats:
         window_cosines = []
         for base, cand in zip(_row_chunks(baseline), _row_chunks(candidate)):
             error = cand - base
-            magnitude = error.abs()
-            window_cosines.append(cosines(base, cand))
-            self.max_abs = max(self.max_abs, float(magnitude.max()))
-            self.abs_sum += float(magnitude.sum())
-            self.signal_power += float((base * base).sum())
-            self.error_power += float((error * error).sum())
-            self.elements += error.numel()
+            base_power, cand_power = np.einsum("ij,ij->i", base, base), np.einsum("ij,ij->i", cand, cand)
+            den = np.sqrt(base_power * cand_power)
+            window_cosines.append(np.einsum("ij,ij->i", base, cand) / np.maximum(den, 1e-30))
+            self.max_abs = max(self.max_abs, float(np.abs(error).max()))
+            self.abs_sum += float(np.abs(error).sum())
+            self.signal_power += float(base_power.sum())
+            self.error_power += float(np.einsum("ij,ij->", error, error))
+            self.elements += error.size
             self.top1_same += int((base.argmax(-1) == cand.argmax(-1)).sum())
             self.top5_hits += int(top_k_hits(base, cand, 5).sum())
             kl = kl_divergence(base, cand)
