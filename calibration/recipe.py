@@ -10,7 +10,8 @@ import torch
 
 from calibration.architectures import ArchitectureSpec
 from calibration.heap import trim_heap
-from calibration.quant import QuantPlan, build_plan
+from calibration.plan import QuantPlan
+from calibration.quant import build_plan
 from calibration.ranges import estimate_ranges
 from calibration.rotation import resolved_block, rotate_inputs
 from calibration.smoothing import apply_factors, compute_factors, consumer_factors, layer_groups

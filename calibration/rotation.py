@@ -21,10 +21,6 @@ SIGN_SEED = 0  # the random signs are part of the transform: fixed, so every sta
 DEFAULT_BLOCK = 64
 
 
-def valid_block(block: int) -> bool:
-    return block >= 4 and block & (block - 1) == 0 and (block.bit_length() - 1) % 2 == 0
-
-
 def hadamard(block: int) -> torch.Tensor:
     """[block, block] normalised Sylvester Hadamard matrix (orthogonal, symmetric)."""
     h = torch.ones(1, 1, dtype=torch.float64)

@@ -18,14 +18,17 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-import torch
 
 from exporters import ExportError
 from exporters.naming import matmul_node_name, module_of_node, scope_of
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -199,10 +202,13 @@ def store_float_weights_fp16(model: ir.Model) -> int:
 def round_kept_float_weights(model: torch.nn.Module, quantized: set[str]) -> None:
     """Round in place every weight matrix outside the quantized linears to FP16 precision: the values the Q/DQ
     graph stores (store_float_weights_fp16), so a simulation of the model computes what the graph computes."""
+    import torch  # the one PyTorch step of this graph module, whose other users (bisect, verify) never load torch
+
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim >= 2 and name.rpartition(".")[0] not in quantized:
-                param.copy_(param.half().to(param.dtype))
+                for rows in param.split(4096):  # in place, a few MB at a time: SmolLM2's embedding is 113 MB
+                    rows.copy_(rows.half())
 
 
 def module_node_map(model: ir.Model) -> dict[str, list[str]]:

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from calibration.rotation import valid_block
+from calibration.rotation_blocks import valid_block
 from pipeline import PipelineError
 from pipeline.accuracy_target import Target
 

@@ -8,12 +8,14 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from calibration import CalibrationError
 from calibration.architectures import ArchitectureSpec, spec_for_model_type
 from pipeline import PipelineError
+
+if TYPE_CHECKING:  # torch loads with the first model, not with this module (verify's graph process never does)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,7 @@ def weight_reader(source: ModelSource):
 
 def load(source: ModelSource):
     """(model in FP32 eval mode on CPU, tokenizer). Architecture is checked before any weight is read."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     spec = architecture(source)
@@ -220,6 +223,7 @@ def _read_checkpoint_once(location: str, _files: tuple, shapes: tuple):
 def _load_gptq_checkpoint(source: ModelSource, spec: ArchitectureSpec) -> torch.nn.Module:
     """The checkpoint's model in FP32 with every quantized linear holding its dequantized weight: transformers
     itself would need a GPTQ kernel package (gptqmodel) to load it, which is neither needed nor installable here."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source.location)

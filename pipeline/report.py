@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from calibration.quant import QuantPlan
+from calibration.plan import QuantPlan
 from pipeline.config import RunConfig
 
 FAITHFUL_COSINE = 0.999  # the Q/DQ graph must reproduce the PyTorch simulation of the same recipe

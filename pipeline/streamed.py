@@ -19,7 +19,7 @@ import torch
 from calibration.architectures import ArchitectureSpec
 from calibration.gptq import QuantizedWeight, load_quantized, save_quantized
 from calibration.layer_stream import WeightReader, advance, embed, layer_windows
-from calibration.quant import QuantPlan
+from calibration.plan import QuantPlan
 from calibration.recipe import smooth_and_plan
 from pipeline import tuning
 from pipeline.config import QuantConfig

@@ -9,7 +9,8 @@ import torch
 
 from calibration.gptq import QuantizedWeight, rtn
 from calibration.heap import trim_heap
-from calibration.quant import QuantPlan, select_modules, weight_only_plan
+from calibration.plan import QuantPlan
+from calibration.quant import select_modules, weight_only_plan
 from calibration.sequential import GptqSettings, LinearOutcome, gptq_sequential
 from calibration.stats import quantizable_linears
 from calibration.weight_clip import clipped_int8

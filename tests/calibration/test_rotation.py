@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from calibration import CalibrationError
-from calibration.rotation import RotatedLinear, hadamard, rotate_inputs, valid_block
+from calibration.rotation import RotatedLinear, hadamard, rotate_inputs
+from calibration.rotation_blocks import valid_block
 
 
 def test_valid_blocks_are_the_powers_of_4_whose_hadamard_is_exact_in_fp16():

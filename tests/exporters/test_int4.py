@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from calibration.gptq import rtn
-from calibration.quant import QuantPlan, fake_quantized, weight_only_plan
+from calibration.plan import QuantPlan
+from calibration.quant import fake_quantized, weight_only_plan
 from calibration.stats import quantizable_linears
 from calibration.architectures import spec_for_model_type
 from exporters.lint import lint_qdq
