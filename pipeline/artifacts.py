@@ -65,6 +65,16 @@ class SavedArrays(MutableMapping):
         folder.mkdir(exist_ok=True)
         self.folder, self.names = folder, []
 
+    @classmethod
+    def saved_by_another_process(cls, folder: Path, names: list[str]) -> SavedArrays:
+        """The arrays `names` (in that order) that another process saved in `folder` (verify's PyTorch side)."""
+        missing = [n for n in names if not (folder / f"{n}.npy").is_file()]
+        if missing:
+            raise PipelineError(f"{folder} lacks {missing[:3]}: the process that saves them did not finish; re-run")
+        saved = cls(folder)
+        saved.names = list(names)
+        return saved
+
     def __setitem__(self, name: str, array: np.ndarray) -> None:
         np.save(self.folder / f"{name}.npy", array)  # a transposed view is written as is, in Fortran order
         if name not in self.names:
@@ -78,6 +88,9 @@ class SavedArrays(MutableMapping):
     def __delitem__(self, name: str) -> None:
         self.names.remove(name)
         (self.folder / f"{name}.npy").unlink()
+
+    def __contains__(self, name: object) -> bool:  # Mapping's would read the array
+        return name in self.names
 
     def numbered(self, prefix: str, count: int) -> Iterator[np.ndarray]:
         """The arrays saved as prefix0 .. prefix<count - 1> (one per window), each read when reached."""

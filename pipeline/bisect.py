@@ -37,7 +37,7 @@ def candidates(layerwise: dict) -> list[str]:
 
 
 def bisect(out: Path, target: Target) -> dict:
-    from pipeline.stages import LAYERWISE, QUANTIZED, REFERENCE, WINDOWS
+    from pipeline.run import LAYERWISE, QUANTIZED, REFERENCE, WINDOWS
 
     if not (out / LAYERWISE).is_file():
         raise PipelineError(f"{out} has no {LAYERWISE}: run `make engine OUT={out}` (its verify stage) first")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import logging
 import os
 import sys
@@ -133,7 +134,7 @@ def _add_report_options(p: argparse.ArgumentParser) -> None:
 def _report(args: argparse.Namespace) -> None:
     from pipeline.bisect import bisect
     from pipeline.report_files import write_reports
-    from pipeline.stages import VERIFICATION
+    from pipeline.run import VERIFICATION
 
     out = Path(args.out)
     if not (out / VERIFICATION).is_file():
@@ -238,18 +239,20 @@ def run(argv: list[str] | None = None) -> int:
         if args.command == "report":
             _report(args)
             return 0
-        from pipeline import stages
         from pipeline.memory import map_large_blocks
+        from pipeline.run import STAGE_FUNCTIONS, Run, announce_memory
 
         config = config_from(args)
         if config.low_memory:
             map_large_blocks()
         config.build.limits()  # bad limits fail before any stage runs
-        current = stages.Run(config)
+        current = Run(config)
         names = ORDER if args.command == "engine" else (args.command,)
-        stages.announce_memory(current, names)
-        for name in names:
-            stages.STAGES[name](current)
+        if names != ("verify",):  # verify alone: its PyTorch side's process announces it (reading the model's
+            announce_memory(current, names)  # config imports transformers, and with it torch)
+        for name in names:  # each stage's module imported when it runs: verify's never imports torch
+            module, _, function = STAGE_FUNCTIONS[name].partition(":")
+            getattr(importlib.import_module(module), function)(current)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

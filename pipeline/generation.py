@@ -3,6 +3,7 @@ and the sampling rules (greedy, temperature, top-k, top-p), as small pure functi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,9 +117,15 @@ def tokenizer_pad(tokenizer) -> int:
 
 
 class TextGeneration:
-    """`generate` for engines that have `step`, `new_cache` and a `tokenizer` (the one saved next to the engine)."""
+    """`generate` for engines that have `step`, `new_cache` and a `path` (the tokenizer is the one saved next to it)."""
 
-    tokenizer = None
+    @functools.cached_property
+    def tokenizer(self):
+        """OUT's tokenizer (None where there is none), loaded on first use: transformers' import costs seconds and
+        ~0.3 GB (it imports torch), which a caller passing token ids never needs (verify's generation check)."""
+        from pipeline.runtime import load_tokenizer
+
+        return load_tokenizer(self.path.parent)
 
     def generate(self, prompt: str | list[str], max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop_token_ids: tuple[int, ...] | None = None,

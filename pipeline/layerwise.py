@@ -97,8 +97,9 @@ def channel_absmax(x: np.ndarray) -> np.ndarray:
 
 
 # Decoder layers whose probes one ONNX Runtime pass marks and fetches: every probe of a window comes back at once
-# (SmolLM2: ~0.7 GB per graph for all 30 layers), so the diff runs in passes of a few layers.
-LAYERS_PER_PASS = 15
+# (SmolLM2: ~0.7 GB per graph for all 30 layers), so the diff runs in passes of a few layers. 10: SmolLM2's passes of
+# 15 peaked at 1,356 MiB (verify's graph process), over 2.5x the FP32 model; each extra pass costs two sessions.
+LAYERS_PER_PASS = 10
 
 
 @dataclass

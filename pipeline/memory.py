@@ -30,10 +30,11 @@ RUNTIME_BYTES = 0.45e9  # Python, torch, transformers, onnx (importing the pipel
 # fragmented heap: the estimate takes the upper end of each spread, since it exists to warn before memory runs out.
 # Export: 1.47 GB (`make bench` at 03c7ce8) since it skips the exporter's whole-graph shape inference and its copy
 # of the parameters, and drops the float weights the Q/DQ graphs replace by integer codes (1.67-2.09 GB before): its
-# peak is now loading the smoothed model beside what the reference graphs left in the heap. Verify: its largest
-# ONNX Runtime session (the FP16 reference's: ~1.07 GB through a SmolLM2 window on CPU inside verify; a process
-# holding only ONNX Runtime and numpy peaked at 0.89 GB over two windows of it).
-WEIGHT_COPIES = {"calibrate": 3.0, "quantize": 1.2, "export": 2.0, "verify": 2.8}
+# peak is now loading the smoothed model beside what the reference graphs left in the heap. Verify: 1.31 GB for its
+# two processes together (SmolLM2, 2026-12-06; 1.72-1.88 GB in one process before): the PyTorch side (one model at a
+# time, 1.14 GB) while the stage's process waits without torch (0.1 GB), then the ONNX Runtime sessions in that
+# process (the layer-wise diff's marked pass, 1.25 GB, is the largest).
+WEIGHT_COPIES = {"calibrate": 3.0, "quantize": 1.2, "export": 2.0, "verify": 1.4}
 # In-memory GPTQ's quantize, beside the layer inputs it holds: SmolLM2 w4a16-gptq quantize alone peaked at 1,874 MB
 # (9243b83, measured once, not broken down; its layer loop is not trimmed like the RTN passes).
 GPTQ_QUANTIZE_COPIES = 2.2

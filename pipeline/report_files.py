@@ -22,7 +22,7 @@ REPORT_VERSION = 1
 
 
 def compose(out: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    from pipeline.stages import ENGINE, LAYERWISE, LAYERWISE_CHANNELS, VERIFICATION
+    from pipeline.run import ENGINE, LAYERWISE, LAYERWISE_CHANNELS, VERIFICATION
 
     r = {"report_version": REPORT_VERSION, **read_json(out / VERIFICATION)}
     r["layerwise"] = read_json(out / LAYERWISE)

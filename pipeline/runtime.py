@@ -101,7 +101,6 @@ class OnnxDecoder(TextGeneration):
             raise PipelineError(f"cannot load {self.path.name} in ONNX Runtime: {diagnose_onnx(self.path, e)}") from None
         self.shape = DecoderShape.from_session(self.session)
         self.kv_dtype = kv_dtype(self.session, self.shape)
-        self.tokenizer = load_tokenizer(self.path.parent)
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         return KVCache(self.shape, batch, max_length, lambda dims: np.zeros(dims, dtype=self.kv_dtype),

@@ -1,10 +1,12 @@
-"""The stages of `make engine`, each re-runnable alone from the artifacts the previous ones saved in OUT.
+"""The stages of `make engine` that load the model (calibrate, quantize, export) and build, each re-runnable alone
+from the artifacts the previous ones saved in OUT; verify is pipeline/verify_stage.py, the run and its file names
+pipeline/run.py.
 
 A stage is skipped when its record in OUT/stages/ has the same key (hash of its inputs: model content, config,
 upstream keys) and its outputs still hash the same; otherwise it runs and overwrites them atomically.
 
-The graph side (onnx-ir, ONNX, ONNX Runtime, Polygraphy, matplotlib) is imported inside the functions of the
-export and verify stages: calibrate and quantize, the stages --low-memory streams, then never load it (55 MB of
+The graph side (onnx-ir, ONNX, ONNX Runtime, Polygraphy, matplotlib) is imported inside the export stage's
+functions: calibrate and quantize, the stages --low-memory streams, then never load it (55 MB of
 resident memory on SmolLM2, a tenth of what --low-memory may use).
 """
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,8 @@ from calibration.data import build_windows
 from calibration.data_check import check_windows
 from calibration.gptq import QuantizedWeight, load_quantized, save_quantized
 from calibration.layer_stream import streamed_input_absmax
-from calibration.quant import QuantPlan, check_patterns, fake_quantized
+from calibration.plan import QuantPlan
+from calibration.quant import check_patterns
 from calibration.recipe import Smoothed, apply_rotations, smooth_and_plan
 from calibration.smoothing import apply_factors
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
@@ -32,11 +34,13 @@ from exporters.gptq_checkpoint import quantization_config, write_checkpoint
 from pipeline import PipelineError, models, report, tuning
 from pipeline.accuracy_target import Target
 from pipeline.budget import fit_budget
-from pipeline.artifacts import (TOKENIZER, SavedArrays, StageRecords, atomic_folder, atomic_path, prepare_out,
-                                machine, read_json, scratch_folder, versions, write_json)
-from pipeline.config import RunConfig, digest
-from pipeline.memory import (STREAMED_STAGES, WEIGHT_COPIES, ModelShape, available_bytes, describe_peaks,
-                             estimate_peaks, release_memory)
+from pipeline.artifacts import TOKENIZER, atomic_folder, atomic_path, read_json, scratch_folder, write_json
+from pipeline.config import digest
+from pipeline.memory import release_memory
+from pipeline.run import (ALPHA_CHOICE, ATTENTION_RANGES, BUDGET, CHECKPOINT, ENGINE, FACTORS, GRAPH_LAYOUT,
+                          GRAPH_RANGE_WINDOWS, KV_SCALES, MODULE_MAP, PLAN, QUANTIZED, QUANTIZED_FP16, REFERENCE,
+                          REFERENCE_ENGINE, REFERENCE_FP16, STATS, WEIGHTS, WEIGHTS_LAYOUT, WINDOWS, Run, up_to_date,
+                          whole_model_notice)
 from pipeline.streamed import streamed_quantize
 from pipeline.weights import FLOAT_MODULES, clips_weights, integer_weights
 from trt_builder import BuildError
@@ -48,112 +52,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WINDOWS = "windows.npz"
-STATS = "calibration_stats.safetensors"
-FACTORS = "smoothing_factors.safetensors"
-WEIGHTS = "quantized_weights.safetensors"  # integer codes + scales of every quantized linear
-PLAN = "quant_plan.json"
-REFERENCE = "reference.onnx"
-REFERENCE_FP16 = "reference.fp16.onnx"  # the float floor: what FP16 arithmetic alone changes
-QUANTIZED = "quantized.onnx"  # FP32 graph + INT8 Q/DQ, for ONNX Runtime on CPU
-QUANTIZED_FP16 = "quantized.fp16.onnx"  # FP16 graph + INT8 Q/DQ with FP16 scales, for TensorRT
-MODULE_MAP = "module_map.json"
-CHECKPOINT = "gptq_checkpoint"  # weight-only schemes: the Hugging Face GPTQ layout of the same integer weights
-ENGINE = "model.plan"
-REFERENCE_ENGINE = "reference.fp16.plan"  # FP16 plan of the float model: TensorRT's own float floor
-ALPHA_CHOICE = "alpha_choice.json"
-BUDGET = "accuracy_budget.json"
-KV_SCALES = "kv_cache_scales.json"
-ATTENTION_RANGES = "attention_ranges.json"
-GRAPH_LAYOUT = "float weight matrices stored FP16 in quantized.onnx"
-WEIGHTS_LAYOUT = "bits and group sizes as one sorted JSON metadata entry"  # in the key: older OUTs re-quantize
-VERIFICATION = "verification.json"  # everything verify measured; the report adds analysis of saved artifacts
-VERIFY_CHECKS = "layer-by-layer faithfulness"  # in the key: an older OUT's verification re-runs
-LAYERWISE = "layerwise.json"
-LAYERWISE_CHANNELS = "layerwise_channels.npz"  # per-module channel absmax before/after smoothing
-GRAPH_RANGE_WINDOWS = 8  # calibration windows the INT8 KV cache and attention ranges are observed on
-FAITHFULNESS_WINDOWS = 4
-FP16_GRAPH_WINDOWS = 2
-LAYERWISE_WINDOWS = 2
-LAYER_FAITHFULNESS_WINDOWS = 2  # the first faithfulness windows (FAITHFULNESS_WINDOWS)
-
-
-class Run:
-    def __init__(self, config: RunConfig):
-        self.config = config
-        self.out = prepare_out(Path(config.out))
-        self.records = StageRecords(self.out)
-        self.source = models.resolve(config.model)
-        self._fingerprint: str | None = None
-        self._reader = None
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = self.source.fingerprint()
-        return self._fingerprint
-
-    def model(self):
-        """A freshly loaded FP32 model (stages mutate it by smoothing), its tokenizer and architecture spec.
-        Loaded again on every call rather than copied from a kept one: safetensors weights (the GGUF cache's, a
-        Hugging Face folder's) are memory-mapped, so a reload takes ~0.3 s on SmolLM2 where a deep copy touches
-        both copies (+1 GB of RSS measured) and a kept model would sit beside every stage's working copy."""
-        return models.load(self.source)
-
-    def weight_reader(self):
-        """--low-memory: the checkpoint read one module at a time, never the whole model."""
-        if self._reader is None:
-            self._reader = models.weight_reader(self.source)
-        return self._reader
-
-    def path(self, name: str) -> Path:
-        return self.out / name
-
-    def update_manifest(self, stage: str, status: str, **extra) -> None:
-        path = self.path("manifest.json")
-        manifest = read_json(path) if path.exists() else {}
-        manifest.update({
-            "config": self.config.to_json(),
-            "model": {"spec": self.source.spec, "kind": self.source.kind, "fingerprint": self.fingerprint()},
-            "versions": versions(),
-        })
-        manifest.setdefault("stages", {})[stage] = {"status": status, "machine": machine(), **extra}
-        write_json(path, manifest)
-
-
-def announce_memory(run: Run, stages: tuple[str, ...]) -> None:
-    """Before any weight is read: the estimated peak of the stages about to run, and a warning when it exceeds
-    the memory available now (build has no estimate: it never loads the model, so it never reads its config)."""
-    if not set(stages) & set(WEIGHT_COPIES):
-        return
-    shape = ModelShape.of_model(run.source)
-    peaks = {s: v for s, v in estimate_peaks(shape, run.config).items() if s in stages}
-    log.info(describe_peaks(shape, peaks, run.config.low_memory))
-    available, (stage, peak) = available_bytes(), max(peaks.items(), key=lambda kv: kv[1])
-    if available is not None and peak > available:
-        advice = ("try --low-memory" if stage in STREAMED_STAGES and not run.config.low_memory else
-                  f"{stage} holds the whole model: run it on a machine with more memory")
-        log.warning("memory: %s is estimated to peak at %.1f GB but %.1f GB is available: %s", stage, peak / 1e9,
-                    available / 1e9, advice)
-
-
-def _whole_model_notice(run: Run, stage: str) -> None:
-    if run.config.low_memory:
-        log.warning("%s: loads the whole model: --low-memory streams calibrate and quantize only (%s needs every "
-                    "layer at once)", stage, "tracing the ONNX graph" if stage == "export" else "checking the graphs "
-                    "against PyTorch")
-
-
-def _up_to_date(run: Run, stage: str, key: str) -> bool:
-    if run.records.is_current(stage, key):
-        log.info("%s: up to date in %s, skipped", stage, run.out)
-        return True
-    return False
-
-
 def calibrate(run: Run) -> None:
     cfg = run.config.calibration
     key = digest("calibrate", run.fingerprint(), cfg)
-    if _up_to_date(run, "calibrate", key):
+    if up_to_date(run, "calibrate", key):
         return
     if run.config.low_memory:  # synthetic calibration (which samples from the model) is refused by RunConfig
         model, tokenizer, spec = None, models.load_tokenizer(run.source), models.architecture(run.source)
@@ -188,7 +90,7 @@ def calibrate(run: Run) -> None:
 def quantize(run: Run) -> QuantPlan:
     cfg = run.config.quant
     key = digest("quantize", run.records.key("calibrate"), cfg, WEIGHTS_LAYOUT)
-    if _up_to_date(run, "quantize", key):
+    if up_to_date(run, "quantize", key):
         return QuantPlan.from_json(read_json(run.path(PLAN)))
     windows = np.load(run.path(WINDOWS))
     outputs = [FACTORS, PLAN, ALPHA_CHOICE, WEIGHTS] + ([BUDGET] if cfg.accuracy_budget is not None else [])
@@ -342,10 +244,10 @@ def export(run: Run) -> None:
     # The graph list and layout are part of the key: a version that writes other graphs re-exports an older OUT.
     key = digest("export", run.records.key("quantize"), cfg, [REFERENCE, REFERENCE_FP16, QUANTIZED, QUANTIZED_FP16],
                  GRAPH_LAYOUT)
-    if _up_to_date(run, "export", key):
+    if up_to_date(run, "export", key):
         return
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
-    _whole_model_notice(run, "export")
+    whole_model_notice(run, "export")
     model, tokenizer, spec = run.model()
     with atomic_folder(run.path(TOKENIZER)) as tmp:  # a service loading OUT needs nothing else
         tokenizer.save_pretrained(tmp)
@@ -411,7 +313,7 @@ def build(run: Run) -> None:
         run.update_manifest("build", "skipped", reason=reason)
         return
     key = digest("build", run.records.key("export"), cfg)
-    if _up_to_date(run, "build", key):
+    if up_to_date(run, "build", key):
         return
     settings = BuildSettings(cfg.limits(), cfg.workspace_gib << 30, cfg.optimization_level)
     manifest = build_plan(run.path(QUANTIZED_FP16), run.path(ENGINE), settings, run.path("timing.cache"))
@@ -421,149 +323,3 @@ def build(run: Run) -> None:
     run.records.complete("build", key, [ENGINE, ENGINE + ".json", REFERENCE_ENGINE])
     run.update_manifest("build", "done", **manifest)
 
-
-def generation_check(side: TorchSide, reference: list[list[int]], quantized: list[list[int]]) -> dict:
-    """Greedy tokens of PyTorch's generate() (made before the model was freed) vs the reference graph's KV-cache
-    loop (exactness of the export), and the Q/DQ graph's tokens vs the reference's (what quantization changes in
-    generated text)."""
-    from pipeline import verify
-
-    decode = side.tokenizer.decode
-    return {"new_tokens": verify.GENERATED_TOKENS, "prompts": list(verify.GENERATION_PROMPTS),
-            "reference_onnx_vs_pytorch_generate": verify.generation_agreement(side.greedy_tokens, reference),
-            "quantized_vs_reference_onnx": verify.generation_agreement(reference, quantized),
-            "samples": [{"prompt": text, "reference": decode(r, skip_special_tokens=True),
-                         "quantized": decode(q, skip_special_tokens=True)}
-                        for text, r, q in zip(verify.GENERATION_PROMPTS, reference, quantized)]}
-
-
-def layerwise_inputs(run: Run, model, plan: QuantPlan, folder: Path) -> tuple[SavedArrays, dict[str, np.ndarray]]:
-    """What the layer-wise diff needs besides the graphs (`model`: the smoothed float model): each quantized
-    linear's float weight in MatMul layout, saved in `folder` and read back one at a time (the whole model can then
-    be freed), and the smoothing factor on the output rows of those that produce another linear's input."""
-    float_weights = SavedArrays(folder)
-    for m in plan.quantized():
-        float_weights[m.name] = model.get_submodule(m.name).weight.detach().numpy().T
-    factors = {k: v.numpy() for k, v in load_file(str(run.path(FACTORS))).items() if k in float_weights}
-    return float_weights, factors
-
-
-def layerwise_check(run: Run, float_weights: SavedArrays, factors: dict[str, np.ndarray],
-                    windows: np.ndarray) -> dict:
-    """Layer-wise diff of the reference and Q/DQ graphs (inputs: layerwise_inputs), saved in OUT with its channel
-    statistics."""
-    from pipeline.layerwise import layerwise_diff
-
-    result, channels = layerwise_diff(run.path(REFERENCE), run.path(QUANTIZED), windows, float_weights, factors)
-    with atomic_path(run.path(LAYERWISE_CHANNELS)) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **channels)
-    write_json(run.path(LAYERWISE), result)
-    return result
-
-
-@dataclass
-class TorchSide:
-    """What verify computes with the PyTorch models, saved before any ONNX Runtime session opens, so that a model
-    and a graph's session never share memory: the logits of the faithfulness windows (float<i>, and simulated<i>
-    from the fake-quant model), the layer-wise diff's inputs, the simulation's noise floor, its comparison with
-    the Q/DQ graph layer by layer (pipeline/layer_faithfulness.py), generate()'s tokens."""
-
-    logits: SavedArrays
-    layerwise: tuple[SavedArrays, dict[str, np.ndarray]]
-    noise_floor: dict
-    layer_by_layer: dict
-    tokenizer: object
-    prompts: list[list[int]]
-    greedy_tokens: list[list[int]]
-    stops: tuple[int, ...]
-
-
-def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path, graph_states: SavedArrays,
-                 layers: list[str]) -> TorchSide:
-    """The float model, then the smoothed one as the fake-quant simulation, one at a time; arrays kept in `folder`.
-    graph_states: the Q/DQ graph's, for the layer-by-layer comparison of `layers` (layer_faithfulness.simulate)."""
-    from exporters.onnx_export import drop_weights
-    from pipeline import layer_faithfulness, verify
-
-    logits = SavedArrays(folder / "logits")
-    model, tokenizer, _ = run.model()
-    verify.save_torch_logits(model, windows, logits, "float", "PyTorch FP32 logits")
-    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in verify.GENERATION_PROMPTS]
-    greedy_tokens = verify.torch_greedy(model, prompts, verify.GENERATED_TOKENS)
-    stops = verify.stop_tokens(model)
-    del model
-    release_memory()
-    model, _ = smoothed_model(run)
-    layerwise = layerwise_inputs(run, model, plan, folder / "weights")  # the float weights, before they are replaced
-    # The simulation computes from the integer codes: the float weights they replace (SmolLM2: 425 MB) go first.
-    drop_weights(model, [m.name for m in plan.quantized()])
-    with fake_quantized(model, plan, load_quantized(run.path(WEIGHTS))):
-        noise_floor = verify.save_simulation_logits(model, windows, logits, "simulated")
-        layer_by_layer = layer_faithfulness.simulate(model, layers, windows[:LAYER_FAITHFULNESS_WINDOWS], graph_states)
-    graph_states.clear()
-    return TorchSide(logits, layerwise, noise_floor, layer_by_layer, tokenizer, prompts, greedy_tokens, stops)
-
-
-def verify_stage(run: Run) -> dict:
-    from exporters.probes import layer_of
-    from pipeline import layer_faithfulness, report_files, verify
-
-    build = read_json(run.path("manifest.json"))["stages"].get("build") or {}
-    key = digest("verify", run.records.key("export"), run.records.details("calibrate"),
-                 {k: v for k, v in build.items() if k != "machine"},  # a plan built or not, not where build ran
-                 VERIFY_CHECKS)
-    if _up_to_date(run, "verify", key):
-        return read_json(run.path(VERIFICATION))
-    plan = QuantPlan.from_json(read_json(run.path(PLAN)))
-    evaluation = np.load(run.path(WINDOWS))["evaluation"]
-    faithful_windows = evaluation[:FAITHFULNESS_WINDOWS]
-    _whole_model_notice(run, "verify")
-    # Every decoder layer, whether or not it has a quantized linear.
-    layers = list(dict.fromkeys(layer_of(m.name) for m in plan.modules if m.status != "float"))
-    with scratch_folder(run.path(VERIFICATION).with_suffix(".arrays")) as folder:
-        graph_states = SavedArrays(folder / "graph_states")  # the Q/DQ graph's, before any PyTorch model loads
-        layer_faithfulness.save_graph_states(run.path(QUANTIZED), layers, evaluation[:LAYER_FAITHFULNESS_WINDOWS],
-                                             graph_states)
-        side = pytorch_side(run, plan, faithful_windows, folder, graph_states, layers)
-        release_memory()  # the models are gone before the first session opens
-        graph_outputs = SavedArrays(folder / "graphs")  # the reference's logits while the Q/DQ graph runs
-        # Each FP32 graph runs once, in one session, for all its checks: PyTorch on the first windows, accuracy on
-        # all of them, the precision floors' FP32 side on the first few, and the greedy generation loop.
-        with verify.OpenGraph(run.path(REFERENCE)) as reference:
-            verify.save_reference_logits(reference, evaluation, graph_outputs, f"{REFERENCE} (vs PyTorch; accuracy)")
-            reference_tokens = verify.onnx_greedy(reference, side.prompts, verify.GENERATED_TOKENS, side.stops)
-        faithful = len(faithful_windows)
-        reference_vs_torch = verify.faithfulness(side.logits.numbered("float", faithful),
-                                                 graph_outputs.numbered("reference", faithful))
-        with verify.OpenGraph(run.path(QUANTIZED)) as quantized:
-            quantized_vs_sim, accuracy = verify.check_quantized(quantized, evaluation,
-                                                                side.logits.numbered("simulated", faithful),
-                                                                graph_outputs, FP16_GRAPH_WINDOWS,
-                                                                f"{QUANTIZED} (vs PyTorch fake-quant; accuracy)")
-            quantized_tokens = verify.onnx_greedy(quantized, side.prompts, verify.GENERATED_TOKENS, side.stops)
-        quantized_vs_sim["noise_floor"] = side.noise_floor
-        quantized_vs_sim["layer_by_layer"] = side.layer_by_layer
-        side.logits.clear()
-        generation = generation_check(side, reference_tokens, quantized_tokens)
-        floors = verify.precision_floors(run.path(REFERENCE_FP16), run.path(QUANTIZED_FP16),
-                                         evaluation[:FP16_GRAPH_WINDOWS], graph_outputs)
-        layerwise_check(run, *side.layerwise, evaluation[:LAYERWISE_WINDOWS])
-    manifest = read_json(run.path("manifest.json"))
-    if manifest["stages"].get("build", {}).get("status") == "done":  # same code path as ONNX Runtime's, via Polygraphy
-        for measured, engine, graph in (("tensorrt_plan_vs_onnxruntime", ENGINE, QUANTIZED_FP16),
-                                        ("tensorrt_fp16_plan_vs_onnxruntime", REFERENCE_ENGINE, REFERENCE_FP16)):
-            windows = evaluation[:FP16_GRAPH_WINDOWS, : run.config.build.max_input_len]  # the prefill profile's limit
-            floors[measured] = verify.compare_plan(run.path(engine), run.path(graph), windows, f"{engine} vs ONNX Runtime")
-    budget = read_json(run.path(BUDGET)) if run.config.quant.accuracy_budget is not None else None
-    tuning_summary = report.tuning_summary(plan, read_json(run.path(ALPHA_CHOICE)), budget)
-    result = report.build_report(run.config, manifest, plan, accuracy, reference_vs_torch, quantized_vs_sim, floors,
-                                 tuning_summary, generation)
-    write_json(run.path(VERIFICATION), result)
-    run.records.complete("verify", key, [VERIFICATION, LAYERWISE, LAYERWISE_CHANNELS])
-    run.update_manifest("verify", "done", perplexity_delta_percent=accuracy["perplexity_delta_percent"])
-    report.print_headline(result, report_files.write_reports(run.out))
-    return result
-
-
-STAGES = {"calibrate": calibrate, "quantize": quantize, "export": export, "build": build, "verify": verify_stage}

@@ -1,5 +1,6 @@
 """Verification on CPU: Polygraphy's ONNX Runtime backend runs the reference and Q/DQ graphs on real token windows,
-compared with each other (accuracy) and with PyTorch (export faithfulness).
+compared with each other (accuracy) and with PyTorch's logits (export faithfulness), which pipeline/simulation.py
+saved in a process of its own: this module never imports torch.
 
 Loops over windows delete each window's arrays at the end of their body: a loop variable stays bound while the
 next item is computed, so the previous window's logits (100 MB on SmolLM2) would be alive during the next
@@ -14,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 import onnxruntime as ort
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.datatype import DataType
@@ -95,37 +95,6 @@ def window_feeder(runner: OnnxrtRunner, reserved_slots: int = 0):
     shape = DecoderShape.from_inputs({name: meta.shape for name, meta in metadata.items()})
     past_dtype = DataType.to_dtype(metadata[shape.past_names[0]].dtype, "numpy")
     return lambda window: shape.prefill_feed(window[None, :], past_dtype, reserved_slots)
-
-
-def torch_logits(model: torch.nn.Module, window: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(input_ids=torch.from_numpy(window[None, :]), use_cache=False).logits.numpy()
-
-
-def save_torch_logits(model: torch.nn.Module, windows: np.ndarray, saved: MutableMapping, prefix: str,
-                      label: str) -> None:
-    """The module's logits of each window, saved as `prefix<i>`: compared with a graph's once the model is freed."""
-    for i, window in enumerate(tqdm(windows, desc=label, unit="window")):
-        saved[f"{prefix}{i}"] = torch_logits(model, window)
-
-
-def save_simulation_logits(model: torch.nn.Module, windows: np.ndarray, saved: MutableMapping, prefix: str) -> dict:
-    """save_torch_logits of the fake-quant model (SDPA attention), and the noise floor of that simulation: the
-    same model with eager attention against them, float-equivalent and differing only in summation order.
-
-    A W8A8 model with per-tensor activation scales is discontinuous (a 1e-6 change can flip a rounding at a
-    Q node, and an outlier channel's smoothed weight turns that one-step flip into a large output change), so
-    two exact implementations of one recipe differ measurably. This is the yardstick for export faithfulness.
-    """
-    from exporters.onnx_export import eager_attention
-
-    floor = PairStats()
-    for i, window in enumerate(tqdm(windows, desc="PyTorch fake-quant logits and noise floor", unit="window")):
-        saved[f"{prefix}{i}"] = expected = torch_logits(model, window)
-        with eager_attention(model):
-            floor.add(expected, torch_logits(model, window))
-        del expected  # gone before the next window's (module note)
-    return floor.summary()
 
 
 def session_logits(session: ort.InferenceSession, windows: np.ndarray, label: str | None = None):
@@ -285,33 +254,10 @@ GENERATION_PROMPTS = (
 GENERATED_TOKENS = 32
 
 
-def stop_tokens(model: torch.nn.Module) -> tuple[int, ...]:
-    """The end-of-sequence ids Hugging Face's generate() stops at (its generation config, else the model config)."""
-    eos = getattr(model.generation_config, "eos_token_id", None) if model.generation_config else None
-    eos = model.config.eos_token_id if eos is None else eos
-    return () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-
-
-def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Hugging Face generate(), greedy, exactly new_tokens per prompt: min_new_tokens masks the end-of-sequence
-    tokens until then, as our loop does with Sampling.min_new_tokens, so every prompt compares at full length.
-    The prompts go in as one left-padded batch (generate() derives positions from the mask): decoding reads every
-    weight once per step whatever the batch, so one batch of 5 takes the time of one prompt (SmolLM2: 2 s, where
-    one prompt at a time took 9.7 s)."""
-    pad = (stop_tokens(model) or (0,))[0]
-    longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        generated = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens, pad_token_id=pad)
-    return generated[:, longest:].tolist()
-
-
 def onnx_greedy(graph: OpenGraph, prompts: list[list[int]], new_tokens: int, stops: tuple[int, ...]) -> list[list[int]]:
     """Greedy tokens of our KV-cache loop, in the graph's session its logits checks ran in. The prompts go in as one
-    left-padded batch, as in torch_greedy: on SmolLM2 3.4 -> 1.0 s for the reference graph and 2.9 -> 0.8 s for the
-    Q/DQ graph against one prompt at a time, with the same tokens for every prompt in both graphs."""
+    left-padded batch, as in simulation.torch_greedy: on SmolLM2 3.4 -> 1.0 s for the reference graph and 2.9 ->
+    0.8 s for the Q/DQ graph against one prompt at a time, with the same tokens for every prompt in both graphs."""
     from pipeline.generation import Sampling, generate_ids
     from pipeline.runtime import OnnxDecoder
 

@@ -55,3 +55,14 @@ def test_a_process_peak_is_its_own_and_not_the_bench_process():
     held = np.ones(50_000_000)  # 400 MB resident in this process
     measured = timed_process(["-c", "import time, numpy as np; a = np.ones(25_000_000); time.sleep(0.3)"])
     assert held.sum() > 0 and 200e6 < measured["peak_rss_bytes"] < 300e6
+
+
+def test_a_stage_that_starts_a_process_is_measured_with_it():
+    """verify runs its PyTorch side in a child process while the stage's own process waits: the peak is what both
+    held at once (each 200 MB here), not the larger of the two (ru_maxrss alone would say ~200 MB)."""
+    from bench.run import timed_process
+
+    holder = "import time, numpy as np; a = np.ones(25_000_000); time.sleep({})"
+    measured = timed_process(["-c", f"import subprocess, sys; {holder.format(0.2)}; "
+                                    f"subprocess.run([sys.executable, '-c', '{holder.format(0.8)}'], check=True)"])
+    assert 400e6 < measured["peak_rss_bytes"] < 520e6

@@ -13,7 +13,7 @@ import numpy as np
 
 from exporters.decoder_io import IDS, LOGITS, MASK, POSITIONS, DecoderShape
 from pipeline.generation import TextGeneration
-from pipeline.runtime import KVCache, check_step_inputs, load_tokenizer
+from pipeline.runtime import KVCache, check_step_inputs
 from trt_builder import BuildError
 from trt_builder.compat import gpu_compute_capability, import_tensorrt
 from trt_builder.profiles import RESERVED_SLOTS
@@ -68,7 +68,6 @@ class TrtDecoder(TextGeneration):
             context = self.engine.create_execution_context()
             context.set_optimization_profile_async(index, self.stream.cuda_stream)
             self.contexts[name] = context
-        self.tokenizer = load_tokenizer(self.path.parent)
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         import torch

@@ -10,12 +10,17 @@ import onnx_ir as ir
 import pytest
 
 from calibration.gptq import load_quantized
-from calibration.quant import QuantPlan, fake_quantized
+from calibration.plan import QuantPlan
+from calibration.quant import fake_quantized
 from pipeline import report, stages
 from pipeline.artifacts import SavedArrays, read_json
 from pipeline.cli import config_from, parser, run
 from pipeline.layer_faithfulness import save_graph_states, simulate
 from pipeline.layerwise import layerwise_diff
+from pipeline.run import (FAITHFULNESS_WINDOWS, LAYERWISE, LAYERWISE_CHANNELS, PLAN, QUANTIZED, REFERENCE,
+                          VERIFICATION, WEIGHTS, WINDOWS, Run)
+from pipeline.simulation import pytorch_side, save_float_weights
+from pipeline.verify_stage import output_factors
 from tests.pipeline.test_cli import SMALL, assert_one_line_error, engine
 
 LAYER_1_O_PROJ = "model.layers.1.self_attn.o_proj"
@@ -34,15 +39,17 @@ def diff_inputs(finished, tiny_model_dir, corpus, tmp_path_factory):
     """Everything layerwise_diff needs besides the graphs, as the verify stage builds it."""
     args = parser().parse_args(["verify", "--model", str(tiny_model_dir), "--out", str(finished),
                                 "--calib", str(corpus), *SMALL])
-    current = stages.Run(config_from(args))
+    current = Run(config_from(args))
     model, _ = stages.smoothed_model(current)
-    plan = QuantPlan.from_json(read_json(finished / stages.PLAN))
-    windows = np.load(finished / stages.WINDOWS)["evaluation"]
-    return windows, *stages.layerwise_inputs(current, model, plan, tmp_path_factory.mktemp("weights"))
+    plan = QuantPlan.from_json(read_json(finished / PLAN))
+    windows = np.load(finished / WINDOWS)["evaluation"]
+    float_weights = SavedArrays(tmp_path_factory.mktemp("weights"))
+    save_float_weights(model, plan, float_weights)
+    return windows, float_weights, output_factors(finished, float_weights)
 
 
 def corrupted_copy(out, tmp_path, initializer: str, change) -> "Path":
-    graph = ir.load(out / stages.QUANTIZED)
+    graph = ir.load(out / QUANTIZED)
     value = graph.graph.initializers[initializer]
     array = value.const_value.numpy()
     value.const_value = ir.tensor(change(array).astype(array.dtype), name=initializer)
@@ -52,7 +59,7 @@ def corrupted_copy(out, tmp_path, initializer: str, change) -> "Path":
 
 
 def test_a_healthy_graph_has_no_large_error_and_every_module_is_measured(finished):
-    lw = read_json(finished / stages.LAYERWISE)
+    lw = read_json(finished / LAYERWISE)
     assert lw["first_large_error"] is None
     assert not list(finished.glob(".*"))  # the float weights the diff read back are gone with the stage
     assert len(lw["gemms"]) == 14 and [b["layer"] for b in lw["blocks"]] == ["model.layers.0", "model.layers.1"]
@@ -71,7 +78,7 @@ def test_a_healthy_graph_has_no_large_error_and_every_module_is_measured(finishe
 def test_the_layerwise_diff_names_the_corrupted_layer(finished, diff_inputs, tmp_path, initializer, change, culprit):
     windows, float_weights, factors = diff_inputs
     corrupted = corrupted_copy(finished, tmp_path, initializer, change)
-    found, _ = layerwise_diff(finished / stages.REFERENCE, corrupted, windows, float_weights, factors)
+    found, _ = layerwise_diff(finished / REFERENCE, corrupted, windows, float_weights, factors)
     # Its marked graphs and saved probes are gone from beside both graphs.
     assert not [path for folder in (finished, corrupted.parent) for pattern in (".layerwise*", ".marked*")
                 for path in folder.glob(pattern)]
@@ -79,7 +86,7 @@ def test_the_layerwise_diff_names_the_corrupted_layer(finished, diff_inputs, tmp
     row = next(g for g in found["gemms"] if g["module"] == culprit)
     assert row["local_snr_db"] < found["large_error_threshold_db"]
     # Every GEMM before the culprit in execution order is as clean as in the healthy graph.
-    healthy = {g["module"]: g["local_snr_db"] for g in read_json(finished / stages.LAYERWISE)["gemms"]}
+    healthy = {g["module"]: g["local_snr_db"] for g in read_json(finished / LAYERWISE)["gemms"]}
     for g in found["gemms"][: [x["module"] for x in found["gemms"]].index(culprit)]:
         assert g["local_snr_db"] == pytest.approx(healthy[g["module"]], abs=0.01)
 
@@ -92,9 +99,9 @@ def simulation(finished, tiny_model_dir, corpus):
     """The PyTorch fake-quant simulation of the finished run, as verify builds it."""
     args = parser().parse_args(["verify", "--model", str(tiny_model_dir), "--out", str(finished),
                                 "--calib", str(corpus), *SMALL])
-    model, _ = stages.smoothed_model(stages.Run(config_from(args)))
-    plan = QuantPlan.from_json(read_json(finished / stages.PLAN))
-    with fake_quantized(model, plan, load_quantized(finished / stages.WEIGHTS)):
+    model, _ = stages.smoothed_model(Run(config_from(args)))
+    plan = QuantPlan.from_json(read_json(finished / PLAN))
+    with fake_quantized(model, plan, load_quantized(finished / WEIGHTS)):
         yield model
 
 
@@ -110,7 +117,7 @@ def layer_by_layer(graph: Path, simulated, windows, tmp_path) -> dict:
 
 
 def test_verify_holds_every_layer_and_the_logits_to_the_simulation_fed_the_graph_inputs(finished):
-    faithfulness = read_json(finished / stages.VERIFICATION)["export_faithfulness"]
+    faithfulness = read_json(finished / VERIFICATION)["export_faithfulness"]
     found = faithfulness["quantized_onnx_vs_pytorch_fake_quant"]["layer_by_layer"]
     assert [r["layer"] for r in found["layers"]] == LAYERS and found["windows"] == 2
     # The tiny graph computes the simulation to float precision: far above the 0.999 threshold.
@@ -130,7 +137,7 @@ def test_verify_holds_every_layer_and_the_logits_to_the_simulation_fed_the_graph
 def test_layer_by_layer_names_the_layer_the_export_got_wrong_and_no_other(finished, simulation, tmp_path,
                                                                          initializer, change, culprit,
                                                                          along_the_signal):
-    windows = np.load(finished / stages.WINDOWS)["evaluation"]
+    windows = np.load(finished / WINDOWS)["evaluation"]
     found = layer_by_layer(corrupted_copy(finished, tmp_path, initializer, change), simulation, windows, tmp_path)
     assert not list(tmp_path.glob(".marked*"))  # the marked graph goes with its session
     assert found["least_faithful_layer"] == culprit
@@ -141,7 +148,7 @@ def test_layer_by_layer_names_the_layer_the_export_got_wrong_and_no_other(finish
     # Fed the corrupted graph's own input, the other layer still matches: the error is not carried forward.
     others = [r for layer, r in rows.items() if layer != culprit]
     assert others and all(r["update_cosine"] > 0.99999 and clean(r["update_snr_db"]) for r in others)
-    quantized_vs_sim = {**read_json(finished / stages.VERIFICATION)["export_faithfulness"][
+    quantized_vs_sim = {**read_json(finished / VERIFICATION)["export_faithfulness"][
         "quantized_onnx_vs_pytorch_fake_quant"], "layer_by_layer": found}  # end to end as the healthy run's
     assert report.faithful(quantized_vs_sim) is False
 
@@ -150,10 +157,10 @@ def test_report_from_a_verification_made_before_the_layer_by_layer_check(finishe
     """`make report` on an OUT verified by an earlier version: the report states the rule that OUT was judged by."""
     out = tmp_path / "run"
     shutil.copytree(finished, out)
-    verification = read_json(out / stages.VERIFICATION)
+    verification = read_json(out / VERIFICATION)
     faithfulness = verification["export_faithfulness"]
     del faithfulness["quantized_onnx_vs_pytorch_fake_quant"]["layer_by_layer"], faithfulness["threshold_layer_snr_db"]
-    (out / stages.VERIFICATION).write_text(json.dumps(verification))
+    (out / VERIFICATION).write_text(json.dumps(verification))
     assert run(["report", "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "layer by layer" not in md and "Q/DQ faithful (cosine min >= 0.999, or mean deviation" in md
@@ -189,7 +196,7 @@ def test_report_from_saved_artifacts_has_figures_outliers_and_the_layer_table(fi
 def test_bisect_finds_an_exclusion_list_that_the_rerun_meets(finished, tiny_model_dir, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
-    all_quantized = read_json(out / stages.VERIFICATION)["accuracy"]["next_token_kl_mean"]
+    all_quantized = read_json(out / VERIFICATION)["accuracy"]["next_token_kl_mean"]
     target = 0.6 * all_quantized  # INT8 weights alone (every activation float) leave ~40% of it on this model
     assert run(["report", "--out", str(out), "--bisect", f"kl:{target}"]) == 0
     found = read_json(out / "bisect.json")
@@ -199,9 +206,9 @@ def test_bisect_finds_an_exclusion_list_that_the_rerun_meets(finished, tiny_mode
     assert listed == found["exclusions"]
     assert "Bisect" in (out / "report.md").read_text()
     assert engine(tiny_model_dir, out, corpus, "--skip-file", str(out / "float_modules.txt")) == 0
-    plan = read_json(out / stages.PLAN)
+    plan = read_json(out / PLAN)
     assert {m["name"] for m in plan["modules"] if m["status"] == "skipped"} == set(listed)
-    assert read_json(out / stages.VERIFICATION)["accuracy"]["next_token_kl_mean"] <= target
+    assert read_json(out / VERIFICATION)["accuracy"]["next_token_kl_mean"] <= target
 
 
 def test_bad_bisect_target_and_missing_skip_file_fail_in_one_line(finished, tiny_model_dir, corpus, capsys, tmp_path):
@@ -218,9 +225,9 @@ def test_the_tensorrt_comparison_feed_with_a_reserved_slot_gives_the_same_logits
     from exporters.decoder_io import DecoderShape
     from pipeline.verify import onnx_session
 
-    shape = DecoderShape.from_onnx_file(finished / stages.QUANTIZED)
-    session = onnx_session(finished / stages.QUANTIZED)
-    window = np.load(finished / stages.WINDOWS)["evaluation"][:1]
+    shape = DecoderShape.from_onnx_file(finished / QUANTIZED)
+    session = onnx_session(finished / QUANTIZED)
+    window = np.load(finished / WINDOWS)["evaluation"][:1]
     plain = session.run(["logits"], shape.prefill_feed(window))[0]
     reserved = session.run(["logits"], shape.prefill_feed(window, np.float32, reserved_slots=1))[0]
     np.testing.assert_allclose(reserved, plain, atol=1e-5, rtol=0)
@@ -231,18 +238,18 @@ def test_weight_channels_after_smoothing_are_the_exported_int8_weights(finished)
     the integer weights quantize saved, dequantized."""
     from calibration.gptq import load_quantized
 
-    channels = np.load(finished / stages.LAYERWISE_CHANNELS)
-    for name, weight in load_quantized(finished / stages.WEIGHTS).items():
+    channels = np.load(finished / LAYERWISE_CHANNELS)
+    for name, weight in load_quantized(finished / WEIGHTS).items():
         expected = weight.dequantize().abs().amax(dim=0).numpy()  # [out, in] -> per input channel
         np.testing.assert_allclose(channels[f"{name}/weight_after"], expected, rtol=1e-6)
 
 
 def test_the_diff_in_passes_of_one_layer_equals_the_diff_in_one_pass(finished, diff_inputs, monkeypatch):
     windows, float_weights, factors = diff_inputs
-    whole, whole_channels = layerwise_diff(finished / stages.REFERENCE, finished / stages.QUANTIZED, windows,
+    whole, whole_channels = layerwise_diff(finished / REFERENCE, finished / QUANTIZED, windows,
                                            float_weights, factors)
     monkeypatch.setattr("pipeline.layerwise.LAYERS_PER_PASS", 1)  # two passes: layer 0, then layer 1
-    passes, passes_channels = layerwise_diff(finished / stages.REFERENCE, finished / stages.QUANTIZED, windows,
+    passes, passes_channels = layerwise_diff(finished / REFERENCE, finished / QUANTIZED, windows,
                                              float_weights, factors)
     assert passes == whole  # same GEMMs in the same order, same block drops across the pass boundary
     assert passes["blocks"][1]["snr_drop_db"] is not None
@@ -296,9 +303,9 @@ def test_verify_opens_one_onnx_runtime_session_at_a_time_once_per_graph(finished
     assert run(["verify", "--model", str(tiny_model_dir), "--out", str(finished), "--calib", str(corpus), *SMALL]) == 0
     assert overlaps == []
     graphs = ("reference.onnx", "quantized.onnx", "reference.fp16.onnx", "quantized.fp16.onnx")
-    # First the Q/DQ graph marked for the layer-by-layer comparison (before any PyTorch model loads), last the
-    # layer-wise diff's marked pair (one pass for 2 layers).
-    assert opened == [".marked-quantized.onnx", *graphs, ".marked-reference.onnx", ".marked-quantized.onnx"]
+    # The Q/DQ graph marked for the layer-by-layer comparison runs in the PyTorch side's process (before its models
+    # load); here each graph once, then the layer-wise diff's marked pair (one pass for 2 layers).
+    assert opened == [*graphs, ".marked-reference.onnx", ".marked-quantized.onnx"]
     # Logits are compared beside the Q/DQ graph's session only (its accuracy against the saved reference, streamed):
     # the reference's and the FP16 graphs' logits wait on disk until their session has closed.
     assert set(compared_beside) == {"quantized.onnx"}
@@ -306,19 +313,43 @@ def test_verify_opens_one_onnx_runtime_session_at_a_time_once_per_graph(finished
 
 
 def test_the_simulation_runs_without_the_float_weights_its_integer_codes_replace(finished, tiny_model_dir, corpus,
-                                                                                monkeypatch):
+                                                                                monkeypatch, tmp_path):
     """Verify's fake-quant simulation computes from the integer codes: the quantized linears' float weights (SmolLM2:
-    425 MB) are freed before it, and its logits still match the Q/DQ graph's at float level."""
+    425 MB) are freed before it, and it still matches the Q/DQ graph at float level, layer by layer."""
     seen = {}
 
     def recording(model, plan, weights=None):
         seen.update({m.name: model.get_submodule(m.name).weight.numel() for m in plan.quantized()})
         return fake_quantized(model, plan, weights)
 
-    monkeypatch.setattr(stages, "fake_quantized", recording)
-    (finished / "stages" / "verify.json").unlink()
-    assert run(["verify", "--model", str(tiny_model_dir), "--out", str(finished), "--calib", str(corpus), *SMALL]) == 0
+    monkeypatch.setattr("pipeline.simulation.fake_quantized", recording)
+    args = parser().parse_args(["verify", "--model", str(tiny_model_dir), "--out", str(finished),
+                                "--calib", str(corpus), *SMALL])
+    plan = QuantPlan.from_json(read_json(finished / PLAN))
+    windows = np.load(finished / WINDOWS)["evaluation"][: FAITHFULNESS_WINDOWS]
+    side = pytorch_side(Run(config_from(args)), plan, windows, tmp_path, LAYERS)
     assert seen and set(seen.values()) == {0}
-    faithfulness = read_json(finished / stages.VERIFICATION)["export_faithfulness"]
-    found = faithfulness["quantized_onnx_vs_pytorch_fake_quant"]
-    assert found["layer_by_layer"]["logits"]["cosine_min"] > 0.99999 and faithfulness["faithful"] is True
+    assert side.layer_by_layer["logits"]["cosine_min"] > 0.99999
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph_states", "logits", "weights"]
+    assert not list((tmp_path / "graph_states").iterdir())  # deleted once compared
+
+
+def test_verify_from_the_command_line_runs_its_graph_checks_without_torch(finished, tiny_model_dir, corpus):
+    """`python -m pipeline verify` imports neither torch nor transformers itself: the PyTorch side runs in a child
+    process, and a torch import beside the sessions would cost ~0.3 GB (2.5x-the-model target, issue 7). The
+    parent's imports are listed by -X importtime, which its child does not inherit."""
+    import re
+    import subprocess
+    import sys
+
+    (finished / "stages" / "verify.json").unlink()
+    before = read_json(finished / VERIFICATION)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline", "verify", "--model",
+                           str(tiny_model_dir), "--out", str(finished), "--calib", str(corpus), *SMALL],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = re.findall(r"^import time:.*\|\s+(\S+)$", done.stderr, re.M)
+    assert "onnxruntime" in imported and "torch" not in imported and "transformers" not in imported
+    after = read_json(finished / VERIFICATION)
+    for check in ("accuracy", "export_faithfulness"):
+        assert json.dumps(after[check], sort_keys=True) == json.dumps(before[check], sort_keys=True), check

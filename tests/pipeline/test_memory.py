@@ -45,7 +45,7 @@ def test_low_memory_peak_of_a_7b_model_is_a_small_fraction_of_its_weights(scheme
 
 def test_estimate_is_logged_before_the_stage_and_warns_when_memory_is_short(tmp_path, tiny_model_dir, corpus,
                                                                             caplog, monkeypatch):
-    monkeypatch.setattr("pipeline.stages.available_bytes", lambda: 1)
+    monkeypatch.setattr("pipeline.run.available_bytes", lambda: 1)
     caplog.set_level("INFO")
     argv = ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--calib", str(corpus), *SMALL]
     assert run(argv) == 0

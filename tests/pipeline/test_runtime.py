@@ -14,7 +14,8 @@ from exporters.onnx_export import export_model
 from pipeline import PipelineError
 from pipeline.generation import Sampling, filtered_probabilities, generate_ids, left_padded
 from pipeline.runtime import OnnxDecoder, load
-from pipeline.verify import generation_agreement, stop_tokens, torch_greedy
+from pipeline.simulation import stop_tokens, torch_greedy
+from pipeline.verify import generation_agreement
 from tests.conftest import VOCAB, stepwise_logits, tiny_model
 
 PROMPTS = [[5, 17, 42], [7], [100, 3, 250, 9, 61, 8, 77], [12, 12, 12, 12], [300, 1, 2, 3, 4, 5]]

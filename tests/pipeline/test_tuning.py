@@ -12,6 +12,7 @@ from calibration.gptq import load_quantized
 from pipeline import stages
 from pipeline.budget import perplexity_delta_bound
 from pipeline.cli import config_from, parser, run
+from pipeline.run import Run
 from tests.pipeline.test_cli import SMALL
 
 
@@ -63,7 +64,7 @@ def test_weight_clipping_is_recorded_and_stored(tiny_model_dir, corpus, tmp_path
     assert sum(m["clipped_rows"] for m in quantized) > 0  # the tiny model has rows worth clipping
     args = parser().parse_args(["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--calib",
                                 str(corpus), *SMALL, *argv])
-    smoothed, _ = stages.smoothed_model(stages.Run(config_from(args)))
+    smoothed, _ = stages.smoothed_model(Run(config_from(args)))
     for m in quantized:
         q, w = weights[m["name"]], smoothed.get_submodule(m["name"]).weight
         row_max = w.abs().amax(dim=1) / 127
