@@ -61,7 +61,7 @@ def save_simulation_logits(model: torch.nn.Module, windows: np.ndarray, saved: M
         saved[f"{prefix}{i}"] = expected = torch_logits(model, window)
         with eager_attention(model):
             floor.add(expected, torch_logits(model, window))
-        del expected  # gone before the next window's (module note)
+        del expected  # not beside the next window's forward (verify.py's note)
     return floor.summary()
 
 

@@ -138,10 +138,10 @@ def layerwise_check(run: Run, float_weights: SavedArrays, windows: np.ndarray) -
 
 
 def graph_checks(run: Run, plan: QuantPlan, evaluation: np.ndarray, faithful: int, folder: Path,
-                 side: TorchSide) -> tuple[dict, dict, dict, dict, dict]:
+                 side: TorchSide) -> tuple[dict, dict, dict, dict, tuple[list[list[int]], list[list[int]]]]:
     """Every ONNX Runtime check, against the PyTorch side's saved arrays in `folder`: accuracy, the reference graph
-    against PyTorch, the Q/DQ graph against the fake-quant simulation, generation, precision floors, and the
-    layer-wise diff (saved in OUT)."""
+    against PyTorch, the Q/DQ graph against the fake-quant simulation, precision floors, the layer-wise diff (saved
+    in OUT), and the greedy tokens of both graphs."""
     from pipeline import verify
 
     logits = SavedArrays.saved_by_another_process(
@@ -164,11 +164,10 @@ def graph_checks(run: Run, plan: QuantPlan, evaluation: np.ndarray, faithful: in
     quantized_vs_sim["noise_floor"] = side.noise_floor
     quantized_vs_sim["layer_by_layer"] = side.layer_by_layer
     logits.clear()
-    generation = generation_check(run.out, side, reference_tokens, quantized_tokens)
     floors = verify.precision_floors(run.path(REFERENCE_FP16), run.path(QUANTIZED_FP16),
                                      evaluation[:FP16_GRAPH_WINDOWS], graph_outputs)
     layerwise_check(run, float_weights, evaluation[:LAYERWISE_WINDOWS])
-    return accuracy, reference_vs_torch, quantized_vs_sim, generation, floors
+    return accuracy, reference_vs_torch, quantized_vs_sim, floors, (reference_tokens, quantized_tokens)
 
 
 def verify_stage(run: Run) -> dict:
@@ -185,8 +184,9 @@ def verify_stage(run: Run) -> dict:
     with scratch_folder(run.path(VERIFICATION).with_suffix(".arrays")) as folder:
         side = pytorch_side_process(run.config, folder)
         with torch_kept_out():
-            accuracy, reference_vs_torch, quantized_vs_sim, generation, floors = graph_checks(
+            accuracy, reference_vs_torch, quantized_vs_sim, floors, tokens = graph_checks(
                 run, plan, evaluation, faithful, folder, side)
+    generation = generation_check(run.out, side, *tokens)  # outside: a tokenizer without tokenizer.json needs torch
     from pipeline import report_files, verify  # ONNX Runtime, Polygraphy, matplotlib: not held beside the child
 
     manifest = read_json(run.path("manifest.json"))
