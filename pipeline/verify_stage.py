@@ -10,7 +10,6 @@ imported torch and transformers holds ~0.4 GB before any model. In one process t
 
 from __future__ import annotations
 
-import logging
 import pickle
 import subprocess
 import sys
@@ -29,8 +28,6 @@ from pipeline.run import (ALPHA_CHOICE, BUDGET, ENGINE, FACTORS, FAITHFULNESS_WI
                           LAYERWISE, LAYERWISE_CHANNELS, LAYERWISE_WINDOWS, PLAN, QUANTIZED, QUANTIZED_FP16,
                           REFERENCE, REFERENCE_ENGINE, REFERENCE_FP16, VERIFICATION, VERIFY_CHECKS, WINDOWS, Run,
                           up_to_date, whole_model_notice)
-
-log = logging.getLogger(__name__)
 
 JOB = "job.pickle"  # in the scratch folder: the run configuration, for the PyTorch side's process
 TORCH_SIDE = "torch_side.json"  # what that process computed besides its saved arrays
