@@ -31,7 +31,7 @@ from pipeline.memory import release_memory
 from pipeline.metrics import PairStats
 from pipeline.run import (FAITHFULNESS_WINDOWS, LAYER_FAITHFULNESS_WINDOWS, PLAN, QUANTIZED, WEIGHTS, WINDOWS, Run,
                           announce_memory)
-from pipeline.verify_stage import JOB, TORCH_SIDE, TorchSide, decoder_layers
+from pipeline.verify_stage import FLOAT_WEIGHTS, JOB, LOGITS, TORCH_SIDE, TorchSide, decoder_layers
 
 
 def torch_logits(model: torch.nn.Module, window: np.ndarray) -> np.ndarray:
@@ -40,13 +40,17 @@ def torch_logits(model: torch.nn.Module, window: np.ndarray) -> np.ndarray:
 
 
 def save_torch_logits(model: torch.nn.Module, windows: np.ndarray, saved: MutableMapping, prefix: str,
-                      label: str) -> None:
-    """The module's logits of each window, saved as `prefix<i>`: compared with a graph's once the model is freed."""
-    for i, window in enumerate(tqdm(windows, desc=label, unit="window")):
-        saved[f"{prefix}{i}"] = torch_logits(model, window)
+                      label: str) -> list[str]:
+    """The module's logits of each window, saved as `prefix<i>`: compared with a graph's once the model is freed.
+    Returns their names, in window order."""
+    names = [f"{prefix}{i}" for i in range(len(windows))]
+    for name, window in zip(names, tqdm(windows, desc=label, unit="window")):
+        saved[name] = torch_logits(model, window)
+    return names
 
 
-def save_simulation_logits(model: torch.nn.Module, windows: np.ndarray, saved: MutableMapping, prefix: str) -> dict:
+def save_simulation_logits(model: torch.nn.Module, windows: np.ndarray, saved: MutableMapping,
+                           prefix: str) -> tuple[list[str], dict]:
     """save_torch_logits of the fake-quant model (SDPA attention), and the noise floor of that simulation: the
     same model with eager attention against them, float-equivalent and differing only in summation order.
 
@@ -56,13 +60,13 @@ def save_simulation_logits(model: torch.nn.Module, windows: np.ndarray, saved: M
     """
     from exporters.onnx_export import eager_attention
 
-    floor = PairStats()
-    for i, window in enumerate(tqdm(windows, desc="PyTorch fake-quant logits and noise floor", unit="window")):
-        saved[f"{prefix}{i}"] = expected = torch_logits(model, window)
+    floor, names = PairStats(), [f"{prefix}{i}" for i in range(len(windows))]
+    for name, window in zip(names, tqdm(windows, desc="PyTorch fake-quant logits and noise floor", unit="window")):
+        saved[name] = expected = torch_logits(model, window)
         with eager_attention(model):
             floor.add(expected, torch_logits(model, window))
         del expected  # not beside the next window's forward (verify.py's note)
-    return floor.summary()
+    return names, floor.summary()
 
 
 def stop_tokens(model: torch.nn.Module) -> tuple[int, ...]:
@@ -88,11 +92,13 @@ def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: i
     return generated[:, longest:].tolist()
 
 
-def save_float_weights(model: torch.nn.Module, plan: QuantPlan, saved: MutableMapping) -> None:
-    """Each quantized linear's float weight (`model`: the smoothed float model) in MatMul layout, saved for the
-    layer-wise diff, which reads them back one at a time."""
-    for m in plan.quantized():
-        saved[m.name] = model.get_submodule(m.name).weight.detach().numpy().T
+def save_float_weights(model: torch.nn.Module, plan: QuantPlan, saved: MutableMapping) -> list[str]:
+    """Each quantized linear's float weight (`model`: the smoothed float model) in MatMul layout, saved under its
+    module name for the layer-wise diff, which reads them back one at a time. Returns the names."""
+    names = [m.name for m in plan.quantized()]
+    for name in names:
+        saved[name] = model.get_submodule(name).weight.detach().numpy().T
+    return names
 
 
 def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path, layers: list[str]) -> TorchSide:
@@ -106,23 +112,24 @@ def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path, l
     graph_states = SavedArrays(folder / "graph_states")  # before any PyTorch model loads
     layer_faithfulness.save_graph_states(run.path(QUANTIZED), layers, windows[:LAYER_FAITHFULNESS_WINDOWS],
                                          graph_states)
-    logits = SavedArrays(folder / "logits")
+    logits = SavedArrays(folder / LOGITS)
     model, tokenizer, _ = run.model()
-    save_torch_logits(model, windows, logits, "float", "PyTorch FP32 logits")
+    float_logits = save_torch_logits(model, windows, logits, "float", "PyTorch FP32 logits")
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in GENERATION_PROMPTS]
     greedy_tokens = torch_greedy(model, prompts, GENERATED_TOKENS)
     stops = stop_tokens(model)
     del model
     release_memory()
     model, _ = smoothed_model(run)
-    save_float_weights(model, plan, SavedArrays(folder / "weights"))  # before they are replaced
+    float_weights = save_float_weights(model, plan, SavedArrays(folder / FLOAT_WEIGHTS))  # before they are replaced
     # The simulation computes from the integer codes: the float weights they replace (SmolLM2: 425 MB) go first.
-    drop_weights(model, [m.name for m in plan.quantized()])
+    drop_weights(model, float_weights)
     with fake_quantized(model, plan, load_quantized(run.path(WEIGHTS))):
-        noise_floor = save_simulation_logits(model, windows, logits, "simulated")
+        simulated_logits, noise_floor = save_simulation_logits(model, windows, logits, "simulated")
         layer_by_layer = layer_faithfulness.simulate(model, layers, windows[:LAYER_FAITHFULNESS_WINDOWS], graph_states)
     graph_states.clear()
-    return TorchSide(noise_floor, layer_by_layer, prompts, greedy_tokens, list(stops), machine())
+    return TorchSide(float_logits, simulated_logits, float_weights, noise_floor, layer_by_layer, prompts, greedy_tokens,
+                     list(stops), machine())
 
 
 def main() -> None:

@@ -24,23 +24,27 @@ from calibration.plan import QuantPlan
 from pipeline import PipelineError, report
 from pipeline.artifacts import TOKENIZER, SavedArrays, atomic_path, read_json, scratch_folder, write_json
 from pipeline.config import RunConfig, digest
-from pipeline.run import (ALPHA_CHOICE, BUDGET, ENGINE, FACTORS, FAITHFULNESS_WINDOWS, FP16_GRAPH_WINDOWS,
+from pipeline.run import (ALPHA_CHOICE, BUDGET, ENGINE, FACTORS, FP16_GRAPH_WINDOWS,
                           LAYERWISE, LAYERWISE_CHANNELS, LAYERWISE_WINDOWS, PLAN, QUANTIZED, QUANTIZED_FP16,
                           REFERENCE, REFERENCE_ENGINE, REFERENCE_FP16, VERIFICATION, VERIFY_CHECKS, WINDOWS, Run,
                           up_to_date, whole_model_notice)
 
 JOB = "job.pickle"  # in the scratch folder: the run configuration, for the PyTorch side's process
 TORCH_SIDE = "torch_side.json"  # what that process computed besides its saved arrays
+LOGITS, FLOAT_WEIGHTS = "logits", "weights"  # its folders of saved arrays, in the scratch folder
 
 
 @dataclass
 class TorchSide:
-    """What the PyTorch side computed, besides the arrays it saved in the scratch folder (`logits/`: float<i> and
-    simulated<i> of the faithfulness windows; `weights/`: each quantized linear's smoothed float weight in MatMul
-    layout, for the layer-wise diff): the simulation's noise floor, its comparison with the Q/DQ graph layer by
-    layer (pipeline/layer_faithfulness.py), the generation prompts' tokens, generate()'s greedy tokens, and the
-    machine record of the process (its torch settings)."""
+    """What the PyTorch side computed: the names of the arrays it saved in the scratch folder (in LOGITS, the float
+    and the fake-quant model's logits of each faithfulness window, in window order; in FLOAT_WEIGHTS, each quantized
+    linear's smoothed float weight in MatMul layout, for the layer-wise diff), the simulation's noise floor, its
+    comparison with the Q/DQ graph layer by layer (pipeline/layer_faithfulness.py), the generation prompts' tokens,
+    generate()'s greedy tokens, and the machine record of the process (its torch settings)."""
 
+    float_logits: list[str]
+    simulated_logits: list[str]
+    float_weights: list[str]
     noise_floor: dict
     layer_by_layer: dict
     prompts: list[list[int]]
@@ -134,27 +138,27 @@ def layerwise_check(run: Run, float_weights: SavedArrays, windows: np.ndarray) -
     return result
 
 
-def graph_checks(run: Run, plan: QuantPlan, evaluation: np.ndarray, faithful: int, folder: Path,
+def graph_checks(run: Run, evaluation: np.ndarray, folder: Path,
                  side: TorchSide) -> tuple[dict, dict, dict, dict, tuple[list[list[int]], list[list[int]]]]:
     """Every ONNX Runtime check, against the PyTorch side's saved arrays in `folder`: accuracy, the reference graph
     against PyTorch, the Q/DQ graph against the fake-quant simulation, precision floors, the layer-wise diff (saved
     in OUT), and the greedy tokens of both graphs."""
     from pipeline import verify
 
-    logits = SavedArrays.saved_by_another_process(
-        folder / "logits", [f"{model}{i}" for model in ("float", "simulated") for i in range(faithful)])
-    float_weights = SavedArrays.saved_by_another_process(folder / "weights", [m.name for m in plan.quantized()])
+    logits = SavedArrays.saved_by_another_process(folder / LOGITS, side.float_logits + side.simulated_logits)
+    float_weights = SavedArrays.saved_by_another_process(folder / FLOAT_WEIGHTS, side.float_weights)
+    faithful = len(side.float_logits)
     graph_outputs = SavedArrays(folder / "graphs")  # the reference's logits while the Q/DQ graph runs
     # Each FP32 graph runs once, in one session, for all its checks: PyTorch on the first windows, accuracy on
     # all of them, the precision floors' FP32 side on the first few, and the greedy generation loop.
     with verify.OpenGraph(run.path(REFERENCE)) as reference:
         verify.save_reference_logits(reference, evaluation, graph_outputs, f"{REFERENCE} (vs PyTorch; accuracy)")
         reference_tokens = verify.onnx_greedy(reference, side.prompts, verify.GENERATED_TOKENS, side.stops)
-    reference_vs_torch = verify.faithfulness(logits.numbered("float", faithful),
+    reference_vs_torch = verify.faithfulness((logits[n] for n in side.float_logits),
                                              graph_outputs.numbered("reference", faithful))
     with verify.OpenGraph(run.path(QUANTIZED)) as quantized:
         quantized_vs_sim, accuracy = verify.check_quantized(quantized, evaluation,
-                                                            logits.numbered("simulated", faithful),
+                                                            (logits[n] for n in side.simulated_logits),
                                                             graph_outputs, FP16_GRAPH_WINDOWS,
                                                             f"{QUANTIZED} (vs PyTorch fake-quant; accuracy)")
         quantized_tokens = verify.onnx_greedy(quantized, side.prompts, verify.GENERATED_TOKENS, side.stops)
@@ -176,13 +180,12 @@ def verify_stage(run: Run) -> dict:
         return read_json(run.path(VERIFICATION))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
     evaluation = np.load(run.path(WINDOWS))["evaluation"]
-    faithful = len(evaluation[:FAITHFULNESS_WINDOWS])
     whole_model_notice(run, "verify")
     with scratch_folder(run.path(VERIFICATION).with_suffix(".arrays")) as folder:
         side = pytorch_side_process(run.config, folder)
         with torch_kept_out():
             accuracy, reference_vs_torch, quantized_vs_sim, floors, tokens = graph_checks(
-                run, plan, evaluation, faithful, folder, side)
+                run, evaluation, folder, side)
     generation = generation_check(run.out, side, *tokens)  # outside: a tokenizer without tokenizer.json needs torch
     from pipeline import report_files, verify  # ONNX Runtime, Polygraphy, matplotlib: not held beside the child
 

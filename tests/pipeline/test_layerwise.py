@@ -332,6 +332,11 @@ def test_the_simulation_runs_without_the_float_weights_its_integer_codes_replace
     assert side.layer_by_layer["logits"]["cosine_min"] > 0.99999
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graph_states", "logits", "weights"]
     assert not list((tmp_path / "graph_states").iterdir())  # deleted once compared
+    # What the verify stage's process reads back is what the side says it saved, one array per window or module.
+    assert len(side.float_logits) == len(side.simulated_logits) == len(windows)
+    assert side.float_weights == [m.name for m in plan.quantized()]
+    assert sorted(p.stem for p in (tmp_path / "logits").iterdir()) == sorted(side.float_logits + side.simulated_logits)
+    assert sorted(p.stem for p in (tmp_path / "weights").iterdir()) == sorted(side.float_weights)
 
 
 def test_verify_from_the_command_line_runs_its_graph_checks_without_torch(finished, tiny_model_dir, corpus):
