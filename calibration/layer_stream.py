@@ -150,10 +150,13 @@ def streamed_input_absmax(reader: WeightReader, spec: ArchitectureSpec, windows:
                           scratch: Path) -> dict[str, torch.Tensor]:
     """collect_input_absmax of the whole model, computed one layer at a time: the same batches through the same
     layers, so the same statistics. `scratch`: a folder for the hidden states."""
-    observer = AbsmaxObserver()
+    absmax = {}
     hidden = embed(reader, spec, windows, scratch / "hidden.f32", batch_size)
     for model in layer_windows(reader, spec, "calibrating layer by layer"):
-        with observing(quantizable_linears(model, spec), observer):
+        linears = quantizable_linears(model, spec)
+        observer = AbsmaxObserver(linears)  # its buffers before the layer's pass (AbsmaxObserver)
+        with observing(linears, observer):
             advance(model, hidden, batch_size)
-    check_finite(observer.absmax)
-    return observer.absmax
+        absmax.update(observer.absmax)
+    check_finite(absmax)
+    return absmax

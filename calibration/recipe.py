@@ -60,8 +60,9 @@ def smooth_and_plan(model: torch.nn.Module, spec: ArchitectureSpec, absmax: dict
     rotate_inputs(model, rotated, block)
     # The calibration absmax is per channel before the rotation mixes channels: observe the rotated inputs, in the
     # same pass as the input power (each pass over the windows costs as much as a forward of them).
-    rotated_absmax, power = AbsmaxObserver(), InputPower() if input_power else None
     linears = quantizable_linears(model, spec)
+    rotated_absmax = AbsmaxObserver({n: linears[n] for n in rotated})
+    power = InputPower(linears) if input_power else None
     watched = linears if power is not None else {n: linears[n] for n in rotated}
 
     def observe(name: str, x: torch.Tensor) -> None:

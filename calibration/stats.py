@@ -77,27 +77,36 @@ def observe_inputs(model: torch.nn.Module, linears: dict[str, torch.nn.Module], 
 def collect_input_absmax(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], windows: np.ndarray,
                          batch_size: int = 4) -> dict[str, torch.Tensor]:
     """Run the windows through the model; return fp32 per-input-channel max|x| for each linear."""
-    observer = AbsmaxObserver()
+    observer = AbsmaxObserver(linears)
     observe_inputs(model, linears, windows, batch_size, observer, "calibrating")
     check_finite(observer.absmax)
     return observer.absmax
 
 
 class AbsmaxObserver:
-    """observe(name, x) for observe_inputs: keeps the running per-input-channel max|x| of each linear."""
+    """observe(name, x) for observe_inputs: keeps the running per-input-channel max|x| of each of `linears`.
 
-    def __init__(self):
-        self.absmax: dict[str, torch.Tensor] = {}
+    Its buffers are allocated here, before the pass, and updated in place. A running result allocated during the
+    pass (a new tensor per batch, or the first batch's) is a small block that outlives the forward's temporaries
+    around it on glibc's heap: depending on where it lands, it keeps the heap from reusing or returning the space
+    they free. SmolLM2 calibrate peaked at 1.9-2.1 GB in about half the runs that way (the heap grew ~30 MB per
+    decoder layer of the first batch, ~0.8 GB of it free), and at 1.1 GB in every run with the buffers allocated
+    first (docs/RESULTS.md, "Calibrate's heap")."""
+
+    def __init__(self, linears: dict[str, torch.nn.Linear]):
+        self.absmax = {name: torch.full((m.in_features,), -torch.inf) for name, m in linears.items()}
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
-        cur = x.abs().amax(dim=0).float()
-        prev = self.absmax.get(name)
+        running = self.absmax[name]
         # fmax would drop NaNs; maximum keeps them so non-finite activations are reported by check_finite.
-        self.absmax[name] = cur if prev is None else torch.maximum(prev, cur)
+        torch.maximum(running, x.abs().amax(dim=0).float(), out=running)
 
 
 def check_finite(absmax: dict[str, torch.Tensor]) -> None:
     for name, value in absmax.items():
+        if torch.isneginf(value).all():  # AbsmaxObserver's initial value: no forward reached this linear
+            raise CalibrationError(f"{name} received no input during calibration: the model's forward does not "
+                                   "call it; add its architecture's layout to calibration/architectures.py")
         if not torch.isfinite(value).all():
             raise CalibrationError(
                 f"NaN/Inf activations seen in calibration at the input of {name}: the model weights or the "

@@ -43,15 +43,16 @@ def clipped_int8(weight: torch.Tensor, input_power: torch.Tensor,
 
 
 class InputPower:
-    """observe(name, x) for observe_inputs: E[x_j^2] per input channel of each linear's (smoothed, float) inputs."""
+    """observe(name, x) for observe_inputs: E[x_j^2] per input channel of each of `linears`' (smoothed, float)
+    inputs. Its sums are allocated before the pass and added to in place (calibration.stats.AbsmaxObserver: why)."""
 
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {}
+    def __init__(self, linears: dict[str, torch.nn.Linear]):
+        self.sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
+        self.rows = dict.fromkeys(linears, 0)
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
-        self.sums[name] = self.sums.get(name, 0) + x.double().square_().sum(dim=0)
-        self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+        self.sums[name] += x.double().square_().sum(dim=0)
+        self.rows[name] += x.shape[0]
 
     def result(self) -> dict[str, torch.Tensor]:
-        return {n: (total / self.rows[n]).float() for n, total in self.sums.items()}
+        return {n: (total / self.rows[n]).float() for n, total in self.sums.items() if self.rows[n]}
