@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -182,15 +183,21 @@ def _imported_weights(run: Run, model, spec) -> dict[str, QuantizedWeight] | Non
     return models.imported_gptq_weights(run.source, model, spec)[0]
 
 
-def smoothed_model(run: Run):
+def smoothed_model(run: Run, drop: Collection[str] = ()):
     """The float model as the Q/DQ graph holds it: smoothing factors folded, kept-float weight matrices rounded to
-    the FP16 the graph stores them in (quantized linears get their integer weights from the quantize stage)."""
+    the FP16 the graph stores them in (quantized linears get their integer weights from the quantize stage).
+    `drop`: linears whose float weights are freed (onnx_export.drop_weights) before the rounding, which then works
+    on the kept weights' own copies: export's peak was the rounding and those copies beside the whole mapped model
+    (SmolLM2: 1,306 MiB)."""
+    from exporters.onnx_export import drop_weights
     from exporters.qdq import round_kept_float_weights
 
     model, tokenizer, spec = run.model()
     apply_factors(model, spec, load_file(str(run.path(FACTORS))))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
     apply_rotations(model, plan)
+    if drop:
+        drop_weights(model, drop)
     round_kept_float_weights(model, {m.name for m in plan.quantized()})
     return model, spec
 
@@ -236,7 +243,7 @@ def export(run: Run) -> None:
     from exporters.attention_qdq import quantize_attention
     from exporters.kv_quant import quantize_kv_cache
     from exporters.lint import lint_or_raise
-    from exporters.onnx_export import drop_weights, export_model
+    from exporters.onnx_export import export_model
     from exporters.qdq import insert_qdq, module_node_map, store_float_weights_fp16
     from pipeline.graph_ranges import attention_ranges, kv_cache_scales
 
@@ -265,10 +272,10 @@ def export(run: Run) -> None:
         outputs += save_onnx(export_model(model, dtype, cfg.opset, names), run.path(name), cfg.external_data_threshold)
         release_memory()
     del model
-    model, _ = smoothed_model(run)
+    release_memory()  # the FP16 weights just freed (~0.27 GB) stay in glibc's heap; the smoothed model maps new pages
+    integer = [m.name for m in plan.quantized()]
+    model, _ = smoothed_model(run, drop=integer)  # the Q/DQ graphs take these from their integer codes
     linears = linear_quantizations(plan, load_quantized(run.path(WEIGHTS)))
-    integer = [lq.module for lq in linears]
-    drop_weights(model, integer)  # the Q/DQ graphs take these from their integer codes
     kv_scales_found = attention_found = None
     for dtype, scale_dtype, name in ((torch.float32, np.float32, QUANTIZED), (torch.float16, np.float16, QUANTIZED_FP16)):
         log.info("export: %s (%s graph, %d quantized linears)", name, dtype, len(linears))
