@@ -90,8 +90,8 @@ class AbsmaxObserver:
     pass (a new tensor per batch, or the first batch's) is a small block that outlives the forward's temporaries
     around it on glibc's heap: depending on where it lands, it keeps the heap from reusing or returning the space
     they free. SmolLM2 calibrate peaked at 1.9-2.1 GB in about half the runs that way (the heap grew ~30 MB per
-    decoder layer of the first batch, ~0.8 GB of it free), and at 1.1 GB in every run with the buffers allocated
-    first (docs/RESULTS.md, "Calibrate's heap")."""
+    decoder layer of the first batch, ~0.8 GB of it free), and at 1.1-1.2 GB in every run with the buffers
+    allocated first (docs/RESULTS.md, "Calibrate's heap swing found")."""
 
     def __init__(self, linears: dict[str, torch.nn.Linear]):
         self.absmax = {name: torch.full((m.in_features,), -torch.inf) for name, m in linears.items()}
@@ -105,8 +105,9 @@ class AbsmaxObserver:
 def check_finite(absmax: dict[str, torch.Tensor]) -> None:
     for name, value in absmax.items():
         if torch.isneginf(value).all():  # AbsmaxObserver's initial value: no forward reached this linear
-            raise CalibrationError(f"{name} received no input during calibration: the model's forward does not "
-                                   "call it; add its architecture's layout to calibration/architectures.py")
+            raise CalibrationError(f"{name} received no input during calibration: the architecture table lists a "
+                                   "linear this model's forward never calls; fix its entry in "
+                                   "calibration/architectures.py")
         if not torch.isfinite(value).all():
             raise CalibrationError(
                 f"NaN/Inf activations seen in calibration at the input of {name}: the model weights or the "
