@@ -107,8 +107,9 @@ class PairStats:
             base_power, cand_power = np.einsum("ij,ij->i", base, base), np.einsum("ij,ij->i", cand, cand)
             den = np.sqrt(base_power * cand_power)
             window_cosines.append(np.einsum("ij,ij->i", base, cand) / np.maximum(den, 1e-30))
-            self.max_abs = max(self.max_abs, float(np.abs(error).max()))
-            self.abs_sum += float(np.abs(error).sum())
+            magnitude = np.abs(error)
+            self.max_abs = max(self.max_abs, float(magnitude.max()))
+            self.abs_sum += float(magnitude.sum())
             self.signal_power += float(base_power.sum())
             self.error_power += float(np.einsum("ij,ij->", error, error))
             self.elements += error.size
