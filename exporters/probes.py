@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from exporters import ExportError
 from exporters.naming import matmul_node_name, module_of_node, scope_of
@@ -84,6 +85,32 @@ def with_outputs(model: ir.Model, names: list[str]) -> ir.Model:
             raise ExportError(f"no tensor named {name} in the graph")
         if name not in present:
             model.graph.outputs.append(values[name])
+    return model
+
+
+def probe_subgraph(model: ir.Model, names: list[str], start: tuple[str, np.dtype] | None = None) -> ir.Model:
+    """In place: the graph cut down to what computes the named tensors, which become its only outputs; with
+    start = (name, dtype), that tensor of the graph is read as a new input of that name instead of computed.
+    The layer-wise diff runs a few decoder blocks at a time this way, each pass fed the previous pass's block
+    output: SmolLM2's three passes then compute each block once instead of the whole graph three times, and each
+    session loads only its blocks' weights. The original inputs stay declared, used or not, so one feed runs every
+    cut (ONNX Runtime refuses a feed naming an input the graph lacks)."""
+    values = {v.name: v for node in model.graph for v in node.outputs if v is not None}
+    missing = [n for n in names + ([start[0]] if start else []) if n not in values]
+    if missing:
+        raise ExportError(f"no tensor named {missing[0]} in the graph")
+    outputs = [values[n] for n in dict.fromkeys(names)]
+    if start is not None:
+        name, dtype = start
+        computed = values[name]
+        fed = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(np.dtype(dtype))), shape=computed.shape)
+        computed.name = f"{name}/computed"  # unused once its readers read the input: removed below
+        ir.convenience.replace_all_uses_with(computed, fed)
+        model.graph.inputs.append(fed)
+        outputs = [fed if v is computed else v for v in outputs]
+    model.graph.outputs.clear()
+    model.graph.outputs.extend(outputs)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
     return model
 
 

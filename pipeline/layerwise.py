@@ -64,7 +64,9 @@ class _GraphProbes:
     """A graph's probes, and the input-channel absmax of each module's weight as the graph multiplies it
     (dequantized where quantized), found once for every pass of the diff. Each pass marks only its own probes
     (verify.marked_graph): a session computes and holds every output it was built with (SmolLM2: ~0.7 GB per graph
-    for all 30 layers' probes), so a session per pass holds a pass's worth."""
+    for all 30 layers' probes), so a session per pass holds a pass's worth. A pass's graph is cut down to its own
+    blocks, fed the previous pass's last block output (Start): exact, since that tensor is all a block reads from
+    the blocks before it (a test checks the diff in passes equals the diff in one)."""
 
     def __init__(self, path: Path, modules: list[str]):
         model = ir.load(path)
@@ -74,17 +76,32 @@ class _GraphProbes:
         release_memory()  # the IR graph holds reference cycles: free its weights before a session copies them
         self.path = path
 
-    def mark(self, probes: Probes):
-        """A session of the graph fetching `probes`, one pass long: close it (leave its `with`) before the other
-        graph's opens, and its arena's memory goes back."""
-        return marked_graph(self.path, probes.names())
+    def mark(self, probes: Probes, start: Start | None):
+        """A session of the graph computing `probes` alone, from the previous pass's block output where there was
+        one: one pass long; close it (leave its `with`) before the other graph's opens, and its arena's memory goes
+        back."""
+        return marked_graph(self.path, probes.names(), only=True,
+                            start=(start.name, start.values[0].dtype) if start else None)
 
 
-def fetch(graph: OpenGraph, window: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
-    """The probes `names` of a marked graph's session (_GraphProbes.mark) on one window."""
+@dataclass
+class Start:
+    """Where a pass starts in one graph: the previous pass's last block output (its tensor name) on each window."""
+
+    name: str
+    values: list[np.ndarray]
+
+    def feed(self, window_index: int) -> dict[str, np.ndarray]:
+        return {self.name: self.values[window_index]}
+
+
+def fetch(graph: OpenGraph, window: np.ndarray, names: list[str],
+          fed: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The probes `names` of a marked graph's session on one window; `fed`: values of tensors the marked graph
+    reads as inputs (Start.feed)."""
     shape = DecoderShape.from_session(graph.session)
     feed = shape.prefill_feed(window[None, :], kv_dtype(graph.session, shape))
-    return dict(zip(names, graph.session.run(names, feed)))
+    return dict(zip(names, graph.session.run(names, {**feed, **(fed or {})})))
 
 
 def clipped_fraction(x: np.ndarray, scale: float) -> float:
@@ -98,7 +115,7 @@ def channel_absmax(x: np.ndarray) -> np.ndarray:
 
 # Decoder layers whose probes one ONNX Runtime pass marks and fetches: every probe of a window comes back at once
 # (SmolLM2: ~0.7 GB per graph for all 30 layers), so the diff runs in passes of a few layers. 10: SmolLM2's passes of
-# 15 peaked at 1,356 MiB (verify's graph process), over 2.5x the FP32 model; each extra pass costs two sessions.
+# 15 peaked at 1,356 MiB (verify's graph process), over 2.5x the FP32 model (measured before passes ran cut graphs).
 LAYERS_PER_PASS = 10
 
 
@@ -122,10 +139,15 @@ def layer_passes(modules: list[str], layers_per_pass: int) -> list[list[str]]:
 
 def _diff_pass(reference: _GraphProbes, quantized: _GraphProbes, modules: list[str], windows: np.ndarray,
                float_weights: Mapping[str, np.ndarray], output_factors: dict[str, np.ndarray],
-               acc: _Accumulated, saved: MutableMapping) -> None:
+               acc: _Accumulated, saved: MutableMapping,
+               starts: tuple[Start | None, Start | None]) -> tuple[Start, Start]:
     """One session at a time: the reference's probes of every window wait in `saved` (SavedArrays, on disk) while
-    the Q/DQ graph runs; two sessions side by side would hold both graphs' weights and arenas at once."""
+    the Q/DQ graph runs; two sessions side by side would hold both graphs' weights and arenas at once.
+    starts: where each graph's pass begins (None: from the token ids); returns where the next pass begins."""
     ref_probes, q_probes = reference.probes.subset(modules), quantized.probes.subset(modules)
+    ref_last, q_last = (list(p.block_outputs.values())[-1] for p in (ref_probes, q_probes))
+    ref_start, q_start = starts
+    q_ends = []
     for m in q_probes.gemm_outputs:  # execution order
         acc.local[m], acc.accumulated[m], acc.clipped[m] = TensorError(), TensorError(), []
         acc.channels[f"{m}/weight_before"] = reference.weight_absmax[m]
@@ -133,18 +155,19 @@ def _diff_pass(reference: _GraphProbes, quantized: _GraphProbes, modules: list[s
     acc.blocks.update({layer: TensorError() for layer in q_probes.block_outputs})
     ref_names = ref_probes.names()
     label = f"layer-wise diff ({len(modules)} GEMMs)"
-    with reference.mark(ref_probes) as graph:
+    with reference.mark(ref_probes, ref_start) as graph:
         for i, window in enumerate(tqdm(windows, desc=f"{label}, reference", unit="window")):
-            for j, values in enumerate(fetch(graph, window, ref_names).values()):
+            for j, values in enumerate(fetch(graph, window, ref_names, ref_start and ref_start.feed(i)).values()):
                 saved[f"{i}-{j}"] = values
     position = {name: j for j, name in enumerate(ref_names)}
 
     def ref_probe(i: int, name: str) -> np.ndarray:  # read when used: a pass's probes are ~0.35 GB (SmolLM2)
         return saved[f"{i}-{position[name]}"]
 
-    with quantized.mark(q_probes) as graph:
+    with quantized.mark(q_probes, q_start) as graph:
         for i, window in enumerate(tqdm(windows, desc=label, unit="window")):
-            got = fetch(graph, window, q_probes.names())
+            got = fetch(graph, window, q_probes.names(), q_start and q_start.feed(i))
+            q_ends.append(got[q_last])
             for m in q_probes.gemm_outputs:
                 y_q, x = got[q_probes.gemm_outputs[m]], got[q_probes.gemm_inputs[m]]
                 factor = output_factors.get(m)
@@ -159,7 +182,9 @@ def _diff_pass(reference: _GraphProbes, quantized: _GraphProbes, modules: list[s
             for layer in q_probes.block_outputs:
                 acc.blocks[layer].add(ref_probe(i, ref_probes.block_outputs[layer]), got[q_probes.block_outputs[layer]])
             del got  # the next window's probes need the room
+    ref_ends = [ref_probe(i, ref_last) for i in range(len(windows))]
     saved.clear()  # a later pass with fewer probes would leave this one's extra files behind
+    return Start(ref_last, ref_ends), Start(q_last, q_ends)
 
 
 def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_weights: Mapping[str, np.ndarray],
@@ -174,9 +199,9 @@ def layerwise_diff(reference: Path, quantized: Path, windows: np.ndarray, float_
     graphs = [_GraphProbes(path, modules) for path in (reference, quantized)]
     # Scratch beside the graphs: the saved probes are graph-sized, more than a RAM /tmp holds.
     with tempfile.TemporaryDirectory(dir=quantized.parent, prefix=".layerwise-") as tmp:
-        saved = SavedArrays(Path(tmp) / "probes")
+        saved, starts = SavedArrays(Path(tmp) / "probes"), (None, None)
         for pass_modules in layer_passes(modules, LAYERS_PER_PASS):
-            _diff_pass(*graphs, pass_modules, windows, float_weights, output_factors, acc, saved)
+            starts = _diff_pass(*graphs, pass_modules, windows, float_weights, output_factors, acc, saved, starts)
     gemms = [{"module": m, "layer": layer_of(m), "local_snr_db": acc.local[m].snr_db(),
               "output_snr_db": acc.accumulated[m].snr_db(), "output_cosine": float(acc.accumulated[m].cosine()),
               "input_clipped_fraction": float(np.mean(acc.clipped[m])) if acc.clipped[m] else None}

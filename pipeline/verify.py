@@ -66,18 +66,24 @@ class OpenGraph:
 
 
 @contextmanager
-def marked_graph(path: Path, names: list[str]) -> Iterator[OpenGraph]:
+def marked_graph(path: Path, names: list[str], only: bool = False,
+                 start: tuple[str, np.dtype] | None = None) -> Iterator[OpenGraph]:
     """A session of the graph that also outputs the intermediate tensors `names`. A session computes and holds every
-    output it was built with, fetched or not, so each check marks only what it reads. The marked graph is written
-    beside the original as a hidden file, so that it points into the original's data file (only the graph is
-    written, no copy of the weights), and deleted when the session closes."""
+    output it was built with, fetched or not, so each check marks only what it reads. With `only`, the graph is cut
+    down to computing `names` alone, reading `start` (name, dtype), when given, as an input the caller feeds
+    (exporters.probes.probe_subgraph). The marked graph is written beside the original as a hidden file, so that it
+    points into the original's data file (only the graph is written, no copy of the weights), and deleted when the
+    session closes."""
     import onnx_ir as ir
 
-    from exporters.probes import with_outputs
+    from exporters.probes import probe_subgraph, with_outputs
 
     marked = path.with_name(f".marked-{path.name}")
     model = ir.load(path)
-    with_outputs(model, names)
+    if only:
+        probe_subgraph(model, names, start)
+    else:
+        with_outputs(model, names)
     ir.save(model, marked)  # external tensors keep their place in the original's data file
     del model
     release_memory()  # the IR graph holds reference cycles: free it before the session loads the weights

@@ -258,6 +258,26 @@ def test_the_diff_in_passes_of_one_layer_equals_the_diff_in_one_pass(finished, d
         np.testing.assert_array_equal(passes_channels[key], value)
 
 
+def test_a_later_pass_runs_only_its_blocks_fed_the_previous_block_output(finished, diff_inputs):
+    """The cut graph a pass runs: its probes are its only outputs, the previous block's output is an input, and no
+    linear of an earlier block, final norm or lm_head is left, nor the embedding's weight."""
+    from exporters.naming import module_of_node
+    from exporters.probes import find_probes, probe_subgraph
+
+    model = ir.load(finished / QUANTIZED)
+    embedding = [name for name in model.graph.initializers if "embed_tokens" in name]
+    probes = find_probes(model, list(diff_inputs[1]))
+    block_0, block_1 = probes.block_outputs.values()
+    wanted = probes.subset([m for m in probes.gemm_outputs if m.startswith("model.layers.1.")]).names()
+    probe_subgraph(model, wanted, (block_0, np.float32))
+    assert [v.name for v in model.graph.outputs] == wanted and block_1 in wanted
+    assert block_0 in [v.name for v in model.graph.inputs] and len(model.graph.inputs) > 1
+    scopes = {module_of_node(node.name) for node in model.graph}  # layer 0's attention scope builds the mask
+    earlier = [m for m in probes.gemm_outputs if m.startswith("model.layers.0.")] + ["lm_head", "model.norm"]
+    assert earlier[0] and not scopes & set(earlier)
+    assert embedding and not set(embedding) & set(model.graph.initializers)
+
+
 def test_saved_arrays_read_back_what_was_written_in_order(tmp_path):
     weights = {"b.proj": np.arange(12, dtype=np.float32).reshape(3, 4).T, "a.proj": np.ones((2, 5), np.float32)}
     saved = SavedArrays(tmp_path)
