@@ -126,9 +126,10 @@ class PairMetrics:
         self.reference, self.candidate, self.pair = Perplexity(), Perplexity(), PairStats()
 
     def add(self, window: np.ndarray, reference: np.ndarray, candidate: np.ndarray) -> None:
-        self.reference.add(reference, window[None, :])
-        self.candidate.add(candidate, window[None, :])
-        self.pair.add(reference, candidate)
+        """window: the tokens [positions]; reference, candidate: their logits [1, positions, vocab]."""
+        reference_lse, candidate_lse = self.pair.add(reference, candidate)
+        self.reference.add_window(reference, window, reference_lse)
+        self.candidate.add_window(candidate, window, candidate_lse)
 
     def summary(self) -> dict:
         ref_ppl, cand_ppl = self.reference.value(), self.candidate.value()

@@ -20,6 +20,8 @@ def test_top5_asks_whether_the_reference_choice_is_still_a_candidate():
     ranks_sixth = np.array([[6.0, 5, 4, 3, 2, 0, 1.0]])  # token 6 is the candidate's 6th most likely
     ranks_fifth = np.array([[6.0, 5, 4, 3, 0, 0, 2.0]])
     assert not top_k_hits(reference, ranks_sixth, 5)[0] and top_k_hits(reference, ranks_fifth, 5)[0]
+    tied_fifth = np.array([[6.0, 5, 4, 3, 2, 2, 2.0]])  # four tokens above, two tied with it: still among 5
+    assert top_k_hits(reference, tied_fifth, 5)[0]
 
 
 def test_snr_and_the_exact_case():
@@ -55,3 +57,30 @@ def test_chunked_window_metrics_equal_the_whole_window_ones(monkeypatch):
     assert next_token_nll(base, ids)[0] == pytest.approx(nll_whole[0], rel=1e-12)
     for key, value in whole.summary().items():
         assert chunked.summary()[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_pair_metrics_perplexities_from_the_kl_normalisers_equal_the_direct_ones(monkeypatch):
+    """PairMetrics takes each position's logsumexp from PairStats' KL instead of computing it again: the
+    perplexities must be next_token_nll's, and the pair statistics PairStats' own."""
+    from pipeline.metrics import Perplexity
+    from pipeline.verify import PairMetrics
+
+    monkeypatch.setattr("pipeline.metrics.CHUNK_ROWS", 7)  # 120 positions in uneven chunks
+    rng = np.random.default_rng(1)
+    windows = rng.integers(0, 300, (3, 120))
+    metrics, alone, direct, kl = PairMetrics(), PairStats(), (Perplexity(), Perplexity()), []
+    for window in windows:
+        base = rng.normal(scale=3.0, size=(1, 120, 300)).astype(np.float32)
+        cand = base + rng.normal(scale=0.5, size=base.shape).astype(np.float32)
+        metrics.add(window, base, cand)
+        alone.add(base, cand)
+        kl.append(kl_divergence(base, cand))
+        for perplexity, logits in zip(direct, (base, cand)):
+            perplexity.add(logits, window[None, :])
+    summary = metrics.summary()
+    assert summary["predicted_tokens"] == 3 * 119
+    assert summary["perplexity_reference"] == pytest.approx(direct[0].value(), rel=1e-12)
+    assert summary["perplexity_candidate"] == pytest.approx(direct[1].value(), rel=1e-12)
+    assert summary["perplexity_candidate"] != pytest.approx(summary["perplexity_reference"], rel=1e-3)
+    assert {k: summary[k] for k in alone.summary()} == alone.summary()
+    assert summary["kl_mean"] == pytest.approx(np.concatenate(kl).mean(), rel=1e-12)
