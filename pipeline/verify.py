@@ -38,9 +38,14 @@ def onnx_session(path: Path, providers: list[str] | None = None, disabled_optimi
     at the peak); its memory goes back when the session closes (verify then calls memory.release_memory).
     The memory pattern (one planned block per shape seen) is off: with it the FP16 Q/DQ graph's session grew from
     0.72 to 1.02 GB at its second SmolLM2 window, and the other graphs ran no faster with it (0.8-1.6 s a window).
+    Memory reuse planning is off on CPU: the planner took 0.7-3.2 s of each SmolLM2 session's creation (the FP16
+    Q/DQ graph: 4.7 -> 1.8 s), and the arena reuses freed blocks anyway: the same logits, the same run time, and no
+    more memory (two windows: 776 -> 702 MB for the FP16 Q/DQ graph, 662 -> 661 MB for the FP32 one).
     `threads`: ONNX Runtime's intra-op threads (its default: one per physical core)."""
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
+    cpu_only = providers is None or providers == ["CPUExecutionProvider"]
+    options.enable_mem_reuse = not cpu_only  # GPU providers keep the default: not measured (no GPU here)
     if threads is not None:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
