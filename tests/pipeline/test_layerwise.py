@@ -315,7 +315,7 @@ def test_verify_opens_one_onnx_runtime_session_at_a_time_once_per_graph(finished
 
     def comparison(self, baseline, candidate):
         compared_beside.extend(live.values())
-        add(self, baseline, candidate)
+        return add(self, baseline, candidate)
 
     monkeypatch.setattr(verify, "onnx_session", tracked)
     monkeypatch.setattr(metrics.PairStats, "add", comparison)
