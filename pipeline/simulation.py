@@ -104,7 +104,6 @@ def save_float_weights(model: torch.nn.Module, plan: QuantPlan, saved: MutableMa
 def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path, layers: list[str]) -> TorchSide:
     """The Q/DQ graph's block outputs, then the float model, then the smoothed one as the fake-quant simulation,
     one at a time; arrays kept in `folder`. `layers`: the decoder layers compared layer by layer."""
-    from exporters.onnx_export import drop_weights
     from pipeline import layer_faithfulness
     from pipeline.stages import smoothed_model
     from pipeline.verify import GENERATED_TOKENS, GENERATION_PROMPTS
@@ -120,10 +119,11 @@ def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path, l
     stops = stop_tokens(model)
     del model
     release_memory()
-    model, _ = smoothed_model(run)
-    float_weights = save_float_weights(model, plan, SavedArrays(folder / FLOAT_WEIGHTS))  # before they are replaced
-    # The simulation computes from the integer codes: the float weights they replace (SmolLM2: 425 MB) go first.
-    drop_weights(model, float_weights)
+    # The simulation computes from the integer codes: the float weights they replace (SmolLM2: 425 MB) are saved for
+    # the layer-wise diff, then freed before the kept weights' rounding (smoothed_model: the peak was there).
+    float_weights = [m.name for m in plan.quantized()]
+    model, _ = smoothed_model(run, drop=float_weights,
+                              before_drop=lambda m: save_float_weights(m, plan, SavedArrays(folder / FLOAT_WEIGHTS)))
     with fake_quantized(model, plan, load_quantized(run.path(WEIGHTS))):
         simulated_logits, noise_floor = save_simulation_logits(model, windows, logits, "simulated")
         layer_by_layer = layer_faithfulness.simulate(model, layers, windows[:LAYER_FAITHFULNESS_WINDOWS], graph_states)

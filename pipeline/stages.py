@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -183,12 +183,13 @@ def _imported_weights(run: Run, model, spec) -> dict[str, QuantizedWeight] | Non
     return models.imported_gptq_weights(run.source, model, spec)[0]
 
 
-def smoothed_model(run: Run, drop: Collection[str] = ()):
+def smoothed_model(run: Run, drop: Collection[str] = (), before_drop: Callable[[torch.nn.Module], None] | None = None):
     """The float model as the Q/DQ graph holds it: smoothing factors folded, kept-float weight matrices rounded to
     the FP16 the graph stores them in (quantized linears get their integer weights from the quantize stage).
     `drop`: linears whose float weights are freed (onnx_export.drop_weights) before the rounding, which then works
     on the kept weights' own copies: export's peak was the rounding and those copies beside the whole mapped model
-    (SmolLM2: 1,306 MiB)."""
+    (SmolLM2: 1,306 MiB), and so was verify's PyTorch side's (1,201-1,513 MB). `before_drop(model)` runs first, on
+    the smoothed float weights (the simulation saves them for the layer-wise diff)."""
     from exporters.onnx_export import drop_weights
     from exporters.qdq import round_kept_float_weights
 
@@ -196,6 +197,8 @@ def smoothed_model(run: Run, drop: Collection[str] = ()):
     apply_factors(model, spec, load_file(str(run.path(FACTORS))))
     plan = QuantPlan.from_json(read_json(run.path(PLAN)))
     apply_rotations(model, plan)
+    if before_drop is not None:
+        before_drop(model)
     if drop:
         drop_weights(model, drop)
     round_kept_float_weights(model, {m.name for m in plan.quantized()})
