@@ -188,7 +188,7 @@ def smoothed_model(run: Run, drop: Collection[str] = (), before_drop: Callable[[
     the FP16 the graph stores them in (quantized linears get their integer weights from the quantize stage).
     `drop`: linears whose float weights are freed (onnx_export.drop_weights) before the rounding, which then works
     on the kept weights' own copies: export's peak was the rounding and those copies beside the whole mapped model
-    (SmolLM2: 1,306 MiB), and so was verify's PyTorch side's (1,201-1,513 MB). `before_drop(model)` runs first, on
+    (SmolLM2: 1,306 MiB), and so was verify's PyTorch side's (1,201-1,306 MB). `before_drop(model)` runs first, on
     the smoothed float weights (the simulation saves them for the layer-wise diff)."""
     from exporters.onnx_export import drop_weights
     from exporters.qdq import round_kept_float_weights

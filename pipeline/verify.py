@@ -55,8 +55,8 @@ def onnx_session(path: Path, providers: list[str] | None = None, disabled_optimi
 
 class OpenGraph:
     """One session of a graph for every check that runs it: creating one costs 1-2 s on SmolLM2 (onnx_session),
-    as much as one or two windows. Closing drops the only reference to the session (its weights and arena go back to the system)
-    before the next graph's session opens."""
+    as much as one or two windows. Closing drops the only reference to the session (its weights and arena go back
+    to the system) before the next graph's session opens."""
 
     def __init__(self, path: Path, disabled_optimizers: tuple[str, ...] = ()):
         self.path = Path(path)
