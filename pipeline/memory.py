@@ -24,15 +24,16 @@ RUNTIME_BYTES = 0.45e9  # Python, torch, transformers, onnx (importing the pipel
 # Copies of the FP32 weights each in-memory stage holds at its peak, beyond the runtime and the activations (SmolLM2,
 # 0.54 GB of weights, each stage its own process; `make bench` at 6e1be48, 7528780, 2ae8d9a, 9e176b2, 6e2828d,
 # 5bc5148, b535a85 and fa3e7c5, and single stages on the machine of 6e2828d: calibrate 1.09-2.19 GB, quantize
-# 1.17-2.65 GB before its passes trimmed glibc's heap per linear and 1.19-1.29 GB since. Calibrate's spread was its
-# absmax observer's running results, allocated during the pass among the forward's temporaries; with its buffers
-# allocated before the pass (2026-12-06): 1.12-1.15 GB in four runs, 1.19 GB in `make bench` at 59f52fb. The estimate
-# takes the upper end of each spread with a margin, since it exists to warn before memory runs out.
+# 1.17-2.65 GB before its passes trimmed glibc's heap per linear and 1.13-1.38 GB since (1.38 in one run of eight).
+# Calibrate's spread was its absmax observer's running results, allocated during the pass among the forward's
+# temporaries; with its buffers allocated before the pass (2026-12-06): 1.12-1.15 GB in four runs, 1.19 GB in
+# `make bench` at 59f52fb. The estimate takes the upper end of each spread with a margin, since it exists to warn
+# before memory runs out.
 # Export: 1.16 GB (59f52fb: alone and in `make bench`), its peak the FP32 reference's trace, since the smoothed model
 # drops the float weights the Q/DQ graphs replace by integer codes before rounding the kept ones (1.36-1.50 GB
-# before). Verify: 1.31 GB for its two processes together (SmolLM2, 2026-12-06; 1.72-1.88 GB in one process before):
-# the PyTorch side (one model at a time, 1.14 GB) while the stage's process waits without torch (0.1 GB), then the
-# ONNX Runtime sessions in that process (the layer-wise diff's marked pass, 1.25 GB, is the largest).
+# before). Verify: 1.26 GB for its two processes together (`make bench` at d95a96e; 1.72-1.88 GB in one process
+# before): the PyTorch side (one model at a time, 1.19-1.22 GB alone) while the stage's process waits without torch
+# (0.1 GB), then the ONNX Runtime sessions in that process (1.12 GB; the layer-wise diff's passes run cut graphs).
 WEIGHT_COPIES = {"calibrate": 1.4, "quantize": 1.2, "export": 1.3, "verify": 1.4}
 # In-memory GPTQ's quantize, beside the layer inputs it holds: SmolLM2 w4a16-gptq quantize alone peaked at 1,874 MB
 # (9243b83, measured once, not broken down; its layer loop is not trimmed like the RTN passes).

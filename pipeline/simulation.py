@@ -92,13 +92,11 @@ def torch_greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: i
     return generated[:, longest:].tolist()
 
 
-def save_float_weights(model: torch.nn.Module, plan: QuantPlan, saved: MutableMapping) -> list[str]:
-    """Each quantized linear's float weight (`model`: the smoothed float model) in MatMul layout, saved under its
-    module name for the layer-wise diff, which reads them back one at a time. Returns the names."""
-    names = [m.name for m in plan.quantized()]
+def save_float_weights(model: torch.nn.Module, names: list[str], saved: MutableMapping) -> None:
+    """The float weight of each linear in `names` (`model`: the smoothed float model; the quantized linears) in
+    MatMul layout, saved under its module name for the layer-wise diff, which reads them back one at a time."""
     for name in names:
         saved[name] = model.get_submodule(name).weight.detach().numpy().T
-    return names
 
 
 def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path, layers: list[str]) -> TorchSide:
@@ -123,7 +121,8 @@ def pytorch_side(run: Run, plan: QuantPlan, windows: np.ndarray, folder: Path, l
     # the layer-wise diff, then freed before the kept weights' rounding (smoothed_model: the peak was there).
     float_weights = [m.name for m in plan.quantized()]
     model, _ = smoothed_model(run, drop=float_weights,
-                              before_drop=lambda m: save_float_weights(m, plan, SavedArrays(folder / FLOAT_WEIGHTS)))
+                              before_drop=lambda m: save_float_weights(m, float_weights,
+                                                                       SavedArrays(folder / FLOAT_WEIGHTS)))
     with fake_quantized(model, plan, load_quantized(run.path(WEIGHTS))):
         simulated_logits, noise_floor = save_simulation_logits(model, windows, logits, "simulated")
         layer_by_layer = layer_faithfulness.simulate(model, layers, windows[:LAYER_FAITHFULNESS_WINDOWS], graph_states)

@@ -44,7 +44,7 @@ def diff_inputs(finished, tiny_model_dir, corpus, tmp_path_factory):
     plan = QuantPlan.from_json(read_json(finished / PLAN))
     windows = np.load(finished / WINDOWS)["evaluation"]
     float_weights = SavedArrays(tmp_path_factory.mktemp("weights"))
-    save_float_weights(model, plan, float_weights)
+    save_float_weights(model, [m.name for m in plan.quantized()], float_weights)
     return windows, float_weights, output_factors(finished, float_weights)
 
 
