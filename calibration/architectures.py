@@ -35,7 +35,6 @@ class SmoothingGroup:
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    family: str
     model_types: tuple[str, ...]
     layers: str
     linears: tuple[str, ...]
@@ -52,7 +51,6 @@ class ArchitectureSpec:
 
 
 LLAMA_FAMILY = ArchitectureSpec(
-    family="llama",
     model_types=("llama", "mistral", "qwen2"),
     layers="model.layers",
     linears=(

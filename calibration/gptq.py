@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 # (|w|max lands half a step beyond the top code, the GPTQ/AutoGPTQ convention that the HF checkpoint layout stores);
 # 8 bits keeps the W8A8 recipe's absmax/127 so GPTQ-INT8 and RTN-INT8 weights share one scale rule.
 SCALE_DIVISOR = {8: 127.0, 4: 7.5, 3: 3.5}
-SUPPORTED_BITS = tuple(SCALE_DIVISOR)
 
 
 def code_range(bits: int) -> tuple[int, int]:
@@ -176,7 +175,6 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
 class GptqResult:
     weight: QuantizedWeight
     damp_used: float
-    permuted: bool
 
 
 @torch.no_grad()
@@ -220,7 +218,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     codes = codes[:, torch.argsort(order)]
     if damp_used != damp:
         log.warning("GPTQ: Hessian needed damping %.3g (asked %.3g) to be positive definite", damp_used, damp)
-    return GptqResult(QuantizedWeight(codes.to(torch.int8), scales.float(), bits, size), damp_used, act_order)
+    return GptqResult(QuantizedWeight(codes.to(torch.int8), scales.float(), bits, size), damp_used)
 
 
 # The bits and group size of every module, as one JSON metadata entry sorted by name: safetensors writes a
