@@ -15,10 +15,10 @@ import torch
 from tqdm import tqdm
 
 from calibration import CalibrationError
-from calibration.sources import is_dataset, source_text
+from calibration.sources import SYNTHETIC, is_dataset, source_text
 
 
-SYNTHETIC = "synthetic"
+SAMPLING_BATCH = 16  # windows sampled at once: per token, batches of 8 took 1.4x the time of 16 (SmolLM2, float32)
 
 # Varied openings so the sampled text covers prose, code, dialogue, lists and numbers.
 SYNTHETIC_PROMPTS = (
@@ -93,8 +93,20 @@ def take_windows(windows: np.ndarray, n: int, source: str, role: str) -> np.ndar
     return windows[:n]
 
 
+def sampling_dtype() -> torch.dtype:
+    """What synthetic text is sampled in: bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX; torch's
+    private checks, torch is pinned), float32 elsewhere, where bfloat16 GEMMs are emulated. SmolLM2, a batch of
+    16 windows of 512 tokens on an AMX Xeon: 57 s in bfloat16, 75 s in float32. In float32 the calibrate stage
+    peaked at 1,469 MB (2.7x the FP32 weights: the weights, the KV cache of 16 sequences, the runtime), over issue
+    7's 2.5x; in bfloat16 at 1,224 MB, while the sampler loads. The text is still the model's: its perplexity under
+    the FP32 model differs between sample sets as much as between the two dtypes (docs/RESULTS.md)."""
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
 @torch.no_grad()
-def synthetic_windows(model, tokenizer, n: int, seq_len: int, seed: int, batch_size: int = 16) -> np.ndarray:
+def synthetic_windows(model, tokenizer, n: int, seq_len: int, seed: int,
+                      batch_size: int = SAMPLING_BATCH) -> np.ndarray:
     """Sample n windows of seq_len tokens from the model itself (temperature 1, top-p 0.95), prompt i % 16."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -143,7 +155,9 @@ def build_windows(model, tokenizer, calib_source: str, eval_source: str | None, 
     if calib_source == SYNTHETIC:
         sampled = synthetic_windows(model, tokenizer, n_source + (n_eval if eval_source is None else 0), seq_len, seed)
         source = sampled[:n_source]
-        calib_origin = f"synthetic: {n_calib} windows sampled from the model, seed {seed} (+{n_holdout} holdout)"
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        calib_origin = (f"synthetic: {n_calib} windows sampled from the model in {dtype}, seed {seed} "
+                        f"(+{n_holdout} holdout)")
         if eval_source is None:
             return TokenWindows(source[n_holdout:], source[:n_holdout], sampled[n_source:], calib_origin,
                                 f"synthetic: {n_eval} further samples, held out from calibration")

@@ -15,6 +15,7 @@ from pathlib import Path
 from calibration import CalibrationError
 
 HF_PREFIX = "hf:"
+SYNTHETIC = "synthetic"  # not a source of text: CALIB that asks for text sampled from the model (data.py)
 
 Record = str | list  # plain text, or a list of chat messages
 

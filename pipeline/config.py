@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from calibration.rotation_blocks import valid_block
+from calibration.sources import SYNTHETIC
 from pipeline import PipelineError
 from pipeline.accuracy_target import Target
 
@@ -15,7 +16,7 @@ EXTERNAL_DATA_BYTES = 64 << 20
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    source: str = "synthetic"
+    source: str = SYNTHETIC
     eval_source: str | None = None
     windows: int = 64
     holdout_windows: int = 4  # from the calibration source, for scoring tuning choices (alpha grid, budget)
@@ -29,7 +30,7 @@ class CalibrationConfig:
         for name in ("windows", "holdout_windows", "eval_windows", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if self.chat_template and self.source == "synthetic":
+        if self.chat_template and self.source == SYNTHETIC:
             raise PipelineError("--chat-template renders a calibration file or dataset, and CALIB is synthetic: pass "
                                 "CALIB=<.txt | .jsonl | hf:dataset> or drop --chat-template")
 
@@ -169,7 +170,7 @@ class RunConfig:
     def __post_init__(self):
         if not self.low_memory:
             return
-        whole_model = {"CALIB=synthetic samples text from the whole model": self.calibration.source == "synthetic",
+        whole_model = {"CALIB=synthetic samples text from the whole model": self.calibration.source == SYNTHETIC,
                        "ALPHA=grid scores the whole model's perplexity": self.quant.alpha == "grid",
                        "--accuracy-budget scores the whole model's perplexity": self.quant.accuracy_budget is not None}
         for reason, present in whole_model.items():

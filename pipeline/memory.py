@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from calibration.heap import glibc, trim_heap
+from calibration.sources import SYNTHETIC
 from pipeline.config import RunConfig
 
 GB = 1e9
@@ -48,6 +49,7 @@ class ModelShape:
     hidden: int
     intermediate: int
     heads: int
+    kv_bytes_per_token: int  # FP32 keys and values of one token in every layer
 
     @classmethod
     def from_config(cls, config, layers_path: str) -> "ModelShape":
@@ -58,9 +60,12 @@ class ModelShape:
             model = AutoModelForCausalLM.from_config(config)
         model.tie_weights()  # a tied head shares the embedding's parameter: count it once
         layers = model.get_submodule(layers_path)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         return cls(sum(p.numel() for p in model.parameters()),
                    max(sum(p.numel() for p in layer.parameters()) for layer in layers),
-                   config.hidden_size, config.intermediate_size, config.num_attention_heads)
+                   config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                   4 * 2 * len(layers) * kv_heads * head_dim)
 
     @classmethod
     def of_model(cls, source) -> "ModelShape":
@@ -86,6 +91,19 @@ def hidden_state_bytes(shape: ModelShape, windows: int, seq_len: int) -> float:
     return 4 * windows * seq_len * shape.hidden
 
 
+def sampling_bytes(shape: ModelShape, seq_len: int, dtype_bytes: int) -> float:
+    """Synthetic calibration's sampling, in a model of its own (calibration.data.sampling_dtype): its weights and
+    the KV cache of a batch of windows at full length; a bfloat16 model is converted while it loads, the FP32
+    checkpoint mapped beside it. SmolLM2, 16 x 512 tokens: 1,224 MB measured loading in bfloat16 (1.26 GB
+    estimated), 1,469 MB sampling in float32 (1.37 GB estimated)."""
+    from calibration.data import SAMPLING_BATCH
+
+    weights = shape.fp32_bytes * dtype_bytes / 4
+    kv_cache = SAMPLING_BATCH * seq_len * shape.kv_bytes_per_token * dtype_bytes / 4
+    loading = shape.fp32_bytes + weights if dtype_bytes < 4 else 0.0
+    return RUNTIME_BYTES + max(loading, weights + kv_cache)
+
+
 def estimate_peaks(shape: ModelShape, config: RunConfig) -> dict[str, float]:
     """Stage -> estimated peak bytes, for the stages as this config runs them."""
     cal, quant = config.calibration, config.quant
@@ -98,6 +116,11 @@ def estimate_peaks(shape: ModelShape, config: RunConfig) -> dict[str, float]:
     peaks = {stage: RUNTIME_BYTES + n * shape.fp32_bytes + active[stage] for stage, n in copies.items()}
     if gptq:  # beside the model: one layer's inputs for every calibration window, quantized and float
         peaks["quantize"] += hidden_state_bytes(shape, 2 * cal.windows, cal.seq_len)
+    if cal.source == SYNTHETIC:  # sampled before the statistics' FP32 model loads
+        from calibration.data import sampling_dtype  # torch: not at import (verify's graph process has none)
+
+        dtype_bytes = sampling_dtype().itemsize
+        peaks["calibrate"] = max(peaks["calibrate"], sampling_bytes(shape, cal.seq_len, dtype_bytes))
     if config.low_memory:
         # The hidden states wait on disk; in memory: one batch of them, the search's windows, and with GPTQ its
         # layer's inputs, quantized and float, as batch lists.

@@ -159,20 +159,21 @@ def weight_reader(source: ModelSource):
         raise PipelineError(f"cannot read the weights of '{source.spec}': {_first_line(e)}") from None
 
 
-def load(source: ModelSource):
-    """(model in FP32 eval mode on CPU, tokenizer). Architecture is checked before any weight is read."""
+def load(source: ModelSource, dtype=None):
+    """(model in eval mode on CPU, tokenizer): FP32 unless `dtype` says otherwise (a torch dtype; synthetic
+    calibration samples in bfloat16 where the CPU has it). Architecture is checked before any weight is read."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.float32
     spec = architecture(source)
     tokenizer = load_tokenizer(source)
-    log.info("loading %s (%s) in float32", source.spec, source.kind)
+    log.info("loading %s (%s) in %s", source.spec, source.kind, str(dtype).removeprefix("torch."))
     if gptq_config(source) is not None:
-        return _load_gptq_checkpoint(source, spec), tokenizer, spec
+        return _load_gptq_checkpoint(source, spec).to(dtype), tokenizer, spec
     stored = loadable(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(stored.location, dtype=torch.float32,
-                                                     **_from_pretrained_kwargs(stored))
+        model = AutoModelForCausalLM.from_pretrained(stored.location, dtype=dtype, **_from_pretrained_kwargs(stored))
     except Exception as e:
         raise PipelineError(f"cannot load the weights of '{source.spec}': {_first_line(e)}") from None
     return model.eval(), tokenizer, spec

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from calibration.data import build_windows
+from calibration.data import build_windows, sampling_dtype
 from calibration.data_check import check_windows
 from calibration.gptq import QuantizedWeight, load_quantized, save_quantized
 from calibration.layer_stream import streamed_input_absmax
@@ -30,6 +30,7 @@ from calibration.plan import QuantPlan
 from calibration.quant import check_patterns
 from calibration.recipe import Smoothed, apply_rotations, smooth_and_plan
 from calibration.smoothing import apply_factors
+from calibration.sources import SYNTHETIC
 from calibration.stats import collect_input_absmax, load_stats, quantizable_linears, save_stats
 from exporters.gptq_checkpoint import quantization_config, write_checkpoint
 from pipeline import PipelineError, models, report, tuning
@@ -58,21 +59,17 @@ def calibrate(run: Run) -> None:
     key = digest("calibrate", run.fingerprint(), cfg)
     if up_to_date(run, "calibrate", key):
         return
-    if run.config.low_memory:  # synthetic calibration (which samples from the model) is refused by RunConfig
-        model, tokenizer, spec = None, models.load_tokenizer(run.source), models.architecture(run.source)
-        config = run.weight_reader().config
-    else:
-        model, tokenizer, spec = run.model()
-        config = model.config
-    windows = build_windows(model, tokenizer, cfg.source, cfg.eval_source, cfg.windows, cfg.holdout_windows,
-                            cfg.eval_windows, cfg.seq_len, cfg.seed, cfg.chat_template)
-    data_check = check_windows(windows.calibration, windows.holdout, windows.evaluation, config.vocab_size)
+    windows = _windows(run)
+    data_check = check_windows(windows.calibration, windows.holdout, windows.evaluation,
+                               models.model_config(run.source).vocab_size)
     for warning in data_check.warnings:
         log.warning("calibration data: %s", warning)
-    if model is None:
+    if run.config.low_memory:  # synthetic calibration (which samples from the model) is refused by RunConfig
         with scratch_folder(run.path(STATS).with_suffix(".hidden")) as scratch:
-            absmax = streamed_input_absmax(run.weight_reader(), spec, windows.calibration, cfg.batch_size, scratch)
+            absmax = streamed_input_absmax(run.weight_reader(), models.architecture(run.source), windows.calibration,
+                                           cfg.batch_size, scratch)
     else:
+        model, _, spec = run.model()
         absmax = collect_input_absmax(model, quantizable_linears(model, spec), windows.calibration, cfg.batch_size)
     details = {"calibration_origin": windows.calibration_origin, "evaluation_origin": windows.evaluation_origin,
                "windows_sha256": windows.digest(), "seed": cfg.seed, "data_check": data_check.to_json()}
@@ -86,6 +83,19 @@ def calibrate(run: Run) -> None:
     log.info("calibrate: %d windows x %d tokens (%s), sha256 %s; %d distinct tokens (%.1f%% of the vocabulary), "
              "%d duplicate windows", cfg.windows, cfg.seq_len, windows.calibration_origin, windows.digest()[:16],
              data_check.distinct_tokens, 100 * data_check.vocabulary_coverage, data_check.duplicate_windows)
+
+
+def _windows(run: Run):
+    """The calibration, holdout and evaluation windows. Synthetic ones are sampled from a model loaded for that alone,
+    in sampling_dtype(), and freed before the FP32 model of the statistics loads."""
+    cfg = run.config.calibration
+    sampler, tokenizer, _ = (models.load(run.source, sampling_dtype()) if cfg.source == SYNTHETIC
+                             else (None, models.load_tokenizer(run.source), None))
+    windows = build_windows(sampler, tokenizer, cfg.source, cfg.eval_source, cfg.windows, cfg.holdout_windows,
+                            cfg.eval_windows, cfg.seq_len, cfg.seed, cfg.chat_template)
+    del sampler
+    release_memory()
+    return windows
 
 
 def quantize(run: Run) -> QuantPlan:
