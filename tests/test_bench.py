@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from bench.run import main
 from pipeline.gguf_cache import CACHE_ENV
 
@@ -34,12 +36,17 @@ def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus, monke
             assert [s["samples"] for s in shapes.values()] == [1, 1, 32]
             assert all(0 < s["best_ms"] <= s["median_ms"] for s in shapes.values())
     measured = [t for t in r["targets"] if t["measured"] is not None]
-    assert len(measured) == 14 and all(t["met"] in (True, False) for t in measured)
+    assert len(measured) == 15 and all(t["met"] in (True, False) for t in measured)
     assert sum("1 thread" in t["target"] for t in measured) == 4
     low = r["low_memory"]  # the layer-by-layer stages saved what the in-memory ones saved
     assert low["statistics_identical"] and set(low["stages"]) == {"calibrate", "quantize"}
     assert low["plan_entries_differing"] == 0 and low["weight_codes_differing"] == 0 and low["weight_codes"] > 0
     assert r["memory_estimates"]["low_memory"]["calibrate"] < r["memory_estimates"]["in_memory"]["calibrate"]
+    synthetic = r["synthetic_calibration"]  # the default calibration: one whole sampling batch
+    windows = np.load(tmp_path / "out" / "synthetic" / "windows.npz")
+    assert sum(len(windows[part]) for part in ("calibration", "holdout", "evaluation")) == synthetic["samples"] == 16
+    origin = json.loads((tmp_path / "out" / "synthetic" / "manifest.json").read_text())["stages"]["calibrate"]
+    assert f"in {synthetic['sampling_dtype']}," in origin["calibration_origin"] and synthetic["peak_rss_bytes"] > 100e6
     assert r["report"]["seconds"] > 0 and (tmp_path / "out" / "w8a8" / "report.html").is_file()
     assert "| target | measured | limit | met |" in (results / "bench.md").read_text()
     assert f"Machine: {r['machine']['cpu']}, " in (results / "bench.md").read_text()
