@@ -151,8 +151,8 @@ def synthetic_calibration(args, out: Path) -> dict:
     from calibration.data import SAMPLING_BATCH, sampling_dtype
     from pipeline.config import CalibrationConfig
 
-    evaluation = CalibrationConfig.holdout_windows  # as many held-out samples as holdout ones
-    calibration = SAMPLING_BATCH - CalibrationConfig.holdout_windows - evaluation
+    holdout = evaluation = CalibrationConfig.holdout_windows  # the default holdout, and as many evaluation samples
+    calibration = SAMPLING_BATCH - holdout - evaluation
     shutil.rmtree(out, ignore_errors=True)
     measured = timed_process(["-m", "pipeline", "calibrate", "--model", args.model, "--out", str(out), "--calib",
                               "synthetic", "--calib-windows", str(calibration), "--eval-windows", str(evaluation),

@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from calibration.data import sampling_dtype
 from pipeline.cli import run
 from pipeline.config import CalibrationConfig, QuantConfig, RunConfig
-from calibration.data import sampling_dtype
 from pipeline.memory import ModelShape, estimate_peaks, sampling_bytes
 from tests.conftest import tiny_config
 from tests.pipeline.test_cli import SMALL
@@ -122,7 +121,6 @@ def test_calibrate_and_quantize_never_load_the_graph_side(tmp_path, tiny_model_d
     out = subprocess.run([sys.executable, "-c", STAGES_SCRIPT, *argv], capture_output=True, text=True, check=True)
     loaded = set(out.stdout.split())
     assert "torch" in loaded and not loaded & set(GRAPH_SIDE)
-
 
 
 def test_sampling_estimate_is_near_what_smollm2_sampling_measured():
