@@ -149,15 +149,15 @@ def synthetic_calibration(args, out: Path) -> dict:
     and so its peak (the sampler's weights, their KV cache at full length), do not depend on how many batches run.
     The WikiText pipeline above never samples."""
     from calibration.data import SAMPLING_BATCH, sampling_dtype
-    from pipeline.config import CalibrationConfig
 
-    holdout = evaluation = CalibrationConfig.holdout_windows  # the default holdout, and as many evaluation samples
-    calibration = SAMPLING_BATCH - holdout - evaluation
+    dtype = sampling_dtype()
+    samples = SAMPLING_BATCH[dtype]
+    holdout = evaluation = samples // 4  # 4 and 4 of 16 (the default holdout), 2 and 2 of 8
     shutil.rmtree(out, ignore_errors=True)
     measured = timed_process(["-m", "pipeline", "calibrate", "--model", args.model, "--out", str(out), "--calib",
-                              "synthetic", "--calib-windows", str(calibration), "--eval-windows", str(evaluation),
-                              "--seq-len", str(args.seq_len)])
-    return {**measured, "samples": SAMPLING_BATCH, "sampling_dtype": str(sampling_dtype()).removeprefix("torch.")}
+                              "synthetic", "--calib-windows", str(samples - holdout - evaluation), "--holdout-windows",
+                              str(holdout), "--eval-windows", str(evaluation), "--seq-len", str(args.seq_len)])
+    return {**measured, "samples": samples, "sampling_dtype": str(dtype).removeprefix("torch.")}
 
 
 def forward_costs(args, out: Path) -> dict:

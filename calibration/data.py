@@ -18,7 +18,12 @@ from calibration import CalibrationError
 from calibration.sources import SYNTHETIC, is_dataset, source_text
 
 
-SAMPLING_BATCH = 16  # windows sampled at once: per token, batches of 8 took 1.4x the time of 16 (SmolLM2, float32)
+# Windows sampled at once, by sampling dtype: as many as keep the calibrate stage within 2.5x the FP32 weights (issue
+# 7's limit). SmolLM2, 512 tokens, peak RSS of the sampler / seconds per window: bfloat16, 16 at once: 1,224 MB (the
+# loading: the FP32 checkpoint beside the bfloat16 copy) / 3.6 s. float32, 16 at once: 1,469 MB / 4.7 s; 12: 1,310 MB
+# / 6.0 s; 10: 1,269 MB / 6.6 s; 8: 1,192 MB / 6.8 s, against a 1,348 MB limit (docs/RESULTS.md). Each sequence's KV
+# cache costs 1.2-1.6x its size: the cache grows by concatenation, and glibc's heap keeps the blocks it frees.
+SAMPLING_BATCH = {torch.bfloat16: 16, torch.float32: 8}
 
 # Varied openings so the sampled text covers prose, code, dialogue, lists and numbers.
 SYNTHETIC_PROMPTS = (
@@ -95,19 +100,19 @@ def take_windows(windows: np.ndarray, n: int, source: str, role: str) -> np.ndar
 
 def sampling_dtype() -> torch.dtype:
     """What synthetic text is sampled in: bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX; torch's
-    private checks, torch is pinned), float32 elsewhere, where bfloat16 GEMMs are emulated. SmolLM2, a batch of
-    16 windows of 512 tokens on an AMX Xeon: 57 s in bfloat16, 75 s in float32. In float32 the calibrate stage
-    peaked at 1,469 MB (2.7x the FP32 weights: the weights, the KV cache of 16 sequences, the runtime), over issue
-    7's 2.5x; in bfloat16 at 1,224 MB, while the sampler loads. The text is still the model's: its perplexity under
-    the FP32 model differs between sample sets as much as between the two dtypes (docs/RESULTS.md)."""
+    private checks, torch is pinned), float32 elsewhere, where bfloat16 GEMMs are emulated. SmolLM2 on an AMX Xeon,
+    16 windows of 512 tokens at once: 57 s in bfloat16, 75 s in float32, and half the weights and KV cache
+    (SAMPLING_BATCH). The text is still the model's: its perplexity under the FP32 model differs between sample sets
+    as much as between the two dtypes (docs/RESULTS.md)."""
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.bfloat16 if native else torch.float32
 
 
 @torch.no_grad()
-def synthetic_windows(model, tokenizer, n: int, seq_len: int, seed: int,
-                      batch_size: int = SAMPLING_BATCH) -> np.ndarray:
-    """Sample n windows of seq_len tokens from the model itself (temperature 1, top-p 0.95), prompt i % 16."""
+def synthetic_windows(model, tokenizer, n: int, seq_len: int, seed: int) -> np.ndarray:
+    """Sample n windows of seq_len tokens from the model itself (temperature 1, top-p 0.95), prompt i % 16, in
+    batches of SAMPLING_BATCH[the model's dtype]."""
+    batch_size = SAMPLING_BATCH[next(model.parameters()).dtype]
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

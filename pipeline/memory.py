@@ -91,16 +91,19 @@ def hidden_state_bytes(shape: ModelShape, windows: int, seq_len: int) -> float:
     return 4 * windows * seq_len * shape.hidden
 
 
-def sampling_bytes(shape: ModelShape, seq_len: int, dtype_bytes: int) -> float:
-    """Synthetic calibration's sampling, in a model of its own (calibration.data.sampling_dtype): its weights and
-    the KV cache of a batch of windows at full length; a bfloat16 model is converted while it loads, the FP32
-    checkpoint mapped beside it. SmolLM2, 16 x 512 tokens: 1,224 MB measured loading in bfloat16 (1.26 GB
-    estimated), 1,469 MB sampling in float32 (1.37 GB estimated)."""
+KV_GROWTH = 1.5  # RSS of a sampled sequence's KV cache per byte it holds at full length (data.SAMPLING_BATCH)
+
+
+def sampling_bytes(shape: ModelShape, seq_len: int, dtype) -> float:
+    """Synthetic calibration's sampling (calibration.data.sampling_dtype, torch `dtype`), in a model of its own: its
+    weights and the KV cache of a batch of windows at full length; a bfloat16 model is converted while it loads,
+    the FP32 checkpoint mapped beside it. SmolLM2, 512 tokens: 1,224 MB measured loading in bfloat16 (1.26 GB
+    estimated), 1,192 MB sampling 8 windows at once in float32 (1.27 GB estimated)."""
     from calibration.data import SAMPLING_BATCH
 
-    weights = shape.fp32_bytes * dtype_bytes / 4
-    kv_cache = SAMPLING_BATCH * seq_len * shape.kv_bytes_per_token * dtype_bytes / 4
-    loading = shape.fp32_bytes + weights if dtype_bytes < 4 else 0.0
+    weights = shape.fp32_bytes * dtype.itemsize / 4
+    kv_cache = KV_GROWTH * SAMPLING_BATCH[dtype] * seq_len * shape.kv_bytes_per_token * dtype.itemsize / 4
+    loading = shape.fp32_bytes + weights if dtype.itemsize < 4 else 0.0
     return RUNTIME_BYTES + max(loading, weights + kv_cache)
 
 
@@ -119,8 +122,7 @@ def estimate_peaks(shape: ModelShape, config: RunConfig) -> dict[str, float]:
     if cal.source == SYNTHETIC:  # sampled before the statistics' FP32 model loads
         from calibration.data import sampling_dtype  # torch: not at import (verify's graph process has none)
 
-        dtype_bytes = sampling_dtype().itemsize
-        peaks["calibrate"] = max(peaks["calibrate"], sampling_bytes(shape, cal.seq_len, dtype_bytes))
+        peaks["calibrate"] = max(peaks["calibrate"], sampling_bytes(shape, cal.seq_len, sampling_dtype()))
     if config.low_memory:
         # The hidden states wait on disk; in memory: one batch of them, the search's windows, and with GPTQ its
         # layer's inputs, quantized and float, as batch lists.

@@ -7,8 +7,10 @@ import json
 import os
 
 import numpy as np
+import torch
 
 from bench.run import main
+from calibration.data import SAMPLING_BATCH
 from pipeline.gguf_cache import CACHE_ENV
 
 
@@ -44,7 +46,8 @@ def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus, monke
     assert r["memory_estimates"]["low_memory"]["calibrate"] < r["memory_estimates"]["in_memory"]["calibrate"]
     synthetic = r["synthetic_calibration"]  # the default calibration: one whole sampling batch
     windows = np.load(tmp_path / "out" / "synthetic" / "windows.npz")
-    assert sum(len(windows[part]) for part in ("calibration", "holdout", "evaluation")) == synthetic["samples"] == 16
+    batch = SAMPLING_BATCH[getattr(torch, synthetic["sampling_dtype"])]
+    assert sum(len(windows[part]) for part in ("calibration", "holdout", "evaluation")) == synthetic["samples"] == batch
     origin = json.loads((tmp_path / "out" / "synthetic" / "manifest.json").read_text())["stages"]["calibrate"]
     assert f"in {synthetic['sampling_dtype']}," in origin["calibration_origin"] and synthetic["peak_rss_bytes"] > 100e6
     assert r["report"]["seconds"] > 0 and (tmp_path / "out" / "w8a8" / "report.html").is_file()

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+import torch
 
 from calibration import CalibrationError
-from calibration.data import build_windows, cut_windows, split_same_source
+from calibration.data import build_windows, cut_windows, split_same_source, synthetic_windows
 from calibration.sources import source_text
 
 
@@ -55,6 +56,18 @@ def test_source_windows_are_token_slices(tokenizer, corpus):
     # the holdout is the two windows just before the three calibration windows: same source, no overlap
     assert w.holdout.tolist() == [ids[(n - 5) * 16 : (n - 4) * 16], ids[(n - 4) * 16 : (n - 3) * 16]]
     assert "held out" in w.evaluation_origin
+
+
+@pytest.mark.parametrize("dtype, batches", [(torch.float32, [8, 8, 4]), (torch.bfloat16, [16, 4])])
+def test_synthetic_windows_are_sampled_in_batches_that_fit_the_dtype(tokenizer, dtype, batches):
+    """float32 samples half as many windows at once as bfloat16: its KV cache is twice the size (SAMPLING_BATCH)."""
+    from tests.conftest import tiny_model
+
+    model = tiny_model(outliers=False).to(dtype)
+    sampled, generate = [], model.generate
+    model.generate = lambda input_ids, **kw: sampled.append(len(input_ids)) or generate(input_ids=input_ids, **kw)
+    assert synthetic_windows(model, tokenizer, 20, seq_len=8, seed=0).shape == (20, 8)
+    assert sampled == batches
 
 
 def test_synthetic_windows_are_seeded_samples_of_the_model(tokenizer):
