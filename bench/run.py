@@ -12,8 +12,8 @@
   (same reference ONNX, same calibration windows): prefill 1 x 512 and 4 x 128, decode step with the KV cache,
   with ONNX Runtime's default threads and with one;
   ONNX Runtime's profiler says which kernels ran the quantized MatMuls;
-- accuracy rows for each recipe (perplexity on the evaluation windows); the recipes after the first run as one
-  `python -m pipeline engine` process each, on the first one's calibration.
+- accuracy rows for each recipe (perplexity on the evaluation windows); the recipes after the first run through
+  `python -m pipeline engine` each (a process per stage), on the first one's calibration.
 Writes bench/results/bench.json and bench.md (or --results DIR). Ratios are the figures to quote.
 """
 
@@ -90,8 +90,8 @@ CALIBRATION_FILES = ("windows.npz", "calibration_stats.safetensors", "stages/cal
 
 
 def run_recipe(args, out: Path, recipe: str, calibrated: Path) -> dict:
-    """An accuracy row: the whole pipeline (`python -m pipeline engine`, one process) on the calibration the timed
-    recipe saved in `calibrated`."""
+    """An accuracy row: the whole pipeline (`python -m pipeline engine`: a process per stage) on the calibration the
+    timed recipe saved in `calibrated`."""
     shutil.rmtree(out, ignore_errors=True)
     for name in CALIBRATION_FILES:
         (out / name).parent.mkdir(parents=True, exist_ok=True)

@@ -124,8 +124,8 @@ def markdown(r: dict) -> str:
         runs = [f"{name} {run['engine']['seconds']:.0f} s, {run['engine']['peak_rss_bytes'] / 1e6:,.0f} MB peak"
                 + ("" if run["calibration_reused"] else " (calibration NOT reused: it ran again)")
                 for name, run in r["recipe_runs"].items()]
-        lines += ["", f"Recipes after {r['recipes'][0]} ran as one `python -m pipeline engine` process each, on "
-                  f"{r['recipes'][0]}'s calibration windows and statistics: {'; '.join(runs)}."]
+        lines += ["", f"Recipes after {r['recipes'][0]} ran through `python -m pipeline engine` each (a process per "
+                  f"stage), on {r['recipes'][0]}'s calibration windows and statistics: {'; '.join(runs)}."]
     lines += ["", "| target | measured | limit | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {t['target']} | {_number(t['measured'])} | {t['limit']} | {VERDICT[t['met']]} |" for t in r["targets"]]
     lines += ["", f"Total bench time: {r['total_seconds'] / 60:.1f} min."]

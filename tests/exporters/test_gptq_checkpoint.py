@@ -11,8 +11,7 @@ from calibration.gptq import load_quantized, rtn
 from exporters import ExportError
 from exporters.gptq_checkpoint import (FORMAT_V1, FORMAT_V2, linear_tensors, pack_int32, read_linear,
                                        unpack_int32)
-from pipeline.cli import run
-from tests.pipeline.test_cli import SMALL, assert_one_line_error, engine
+from tests.pipeline.test_cli import SMALL, assert_one_line_error, engine, stages
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -77,8 +76,8 @@ def test_round_trip_export_import_gives_identical_integer_weights(tmp_path, tiny
 
 def test_importing_with_the_wrong_bit_width_is_refused(capsys, tmp_path, tiny_model_dir, corpus):
     assert engine(tiny_model_dir, tmp_path / "w4", corpus, "--quant", "w4a16-rtn", "--group-size", "32") == 0
-    code = run(["engine", "--model", str(tmp_path / "w4" / "gptq_checkpoint"), "--out", str(tmp_path / "bad"),
-                "--calib", str(corpus), *SMALL, "--quant", "w3a16-gptq"])
+    code = stages(["--model", str(tmp_path / "w4" / "gptq_checkpoint"), "--out", str(tmp_path / "bad"),
+                   "--calib", str(corpus), *SMALL, "--quant", "w3a16-gptq"])
     assert_one_line_error(capsys, code, "4-bit GPTQ checkpoint", "QUANT=w4a16-gptq")
 
 

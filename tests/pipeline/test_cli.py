@@ -1,6 +1,9 @@
 """End to end through the CLI on a tiny local model: artifacts, report, determinism, resume and bad input."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -10,14 +13,23 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.artifacts import atomic_path
 from pipeline import troubleshooting
-from pipeline.cli import run
+from pipeline.cli import ORDER, run
 from tests.conftest import tiny_model
 
 SMALL = ["--calib-windows", "4", "--eval-windows", "2", "--seq-len", "32", "--batch-size", "2"]
 
 
+def stages(argv: list[str]) -> int:
+    """What `engine` runs, each stage in this process, so that capsys, caplog and monkeypatch see it (the engine
+    command starts a process per stage: test_engine_runs_every_stage_in_a_process_of_its_own)."""
+    for stage in ORDER:
+        if (code := run([stage, *argv])) != 0:
+            return code
+    return 0
+
+
 def engine(model_dir, out, corpus, *extra):
-    return run(["engine", "--model", str(model_dir), "--out", str(out), "--calib", str(corpus), *SMALL, *extra])
+    return stages(["--model", str(model_dir), "--out", str(out), "--calib", str(corpus), *SMALL, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +37,30 @@ def finished(tmp_path_factory, tiny_model_dir, corpus):
     out = tmp_path_factory.mktemp("run")
     assert engine(tiny_model_dir, out, corpus) == 0
     return out
+
+
+def engine_process(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "engine", *argv], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+
+
+def test_engine_runs_every_stage_in_a_process_of_its_own(tmp_path, tiny_model_dir, corpus):
+    """`python -m pipeline engine` runs the stages as `make engine` does: each process announces the memory estimate
+    of its own stage (one process for all would announce them once, together). A stage that fails ends the run
+    with its one-line error and exit code; what came before it is kept and nothing after it runs."""
+    argv = ["--model", str(tiny_model_dir), "--calib", str(corpus), *SMALL]
+    done = engine_process("--out", str(tmp_path / "out"), *argv)
+    assert done.returncode == 0, done.stderr[-800:]
+    announced = [line.split("peak per stage ")[1] for line in done.stderr.splitlines() if "memory estimate" in line]
+    assert [stage.split()[0] for stage in announced] == ["calibrate", "quantize", "export", "verify"]
+    assert all(stage.count(" GB") == 1 for stage in announced)
+    assert (tmp_path / "out" / "report.json").is_file()
+
+    failed = engine_process("--out", str(tmp_path / "bad"), *argv, "--rotate-block", "256")  # refused by quantize
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1].startswith("error: --rotate-block 256 does not divide")
+    assert (tmp_path / "bad" / "stages" / "calibrate.json").is_file()
+    assert "export:" not in failed.stderr and not list((tmp_path / "bad").glob("*.onnx"))
 
 
 def test_engine_writes_every_artifact_and_an_honest_report(finished):
@@ -128,8 +164,8 @@ def no_artifacts(out):
 def test_bad_options_fail_in_one_line(capsys, tmp_path, tiny_model_dir, corpus, args, fragments):
     out = tmp_path / "out"
     # argparse keeps the last --model/--calib, so the case's own value overrides the good default.
-    argv = ["engine", "--out", str(out), *SMALL, "--model", str(tiny_model_dir), "--calib", str(corpus), *args]
-    assert_one_line_error(capsys, run(argv), *fragments)
+    argv = ["--out", str(out), *SMALL, "--model", str(tiny_model_dir), "--calib", str(corpus), *args]
+    assert_one_line_error(capsys, stages(argv), *fragments)
     assert no_artifacts(out)
 
 

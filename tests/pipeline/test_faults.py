@@ -20,7 +20,7 @@ from pipeline.cli import run
 from pipeline.runtime import load
 from pipeline.stages import save_onnx
 from tests.conftest import random_windows, tiny_model
-from tests.pipeline.test_cli import SMALL, assert_one_line_error
+from tests.pipeline.test_cli import SMALL, assert_one_line_error, stages
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,12 +94,13 @@ def test_ctrl_c_during_export_leaves_no_partial_file_and_the_next_run_resumes(tm
     """The SIGINT arrives when the first graph is written in export's scratch folder but not yet moved into OUT:
     the process sends it to itself there, so where it lands does not depend on when the test gets to run. Python's
     handler is set first: a test run started in the background by a non-interactive shell passes SIGINT on
-    ignored, and Python then raises no KeyboardInterrupt (the engine ran to the end)."""
+    ignored, and Python then raises no KeyboardInterrupt (the stage ran to the end). The stage runs as `engine`
+    runs it, in a process of its own."""
     out, argv = quantized_run(tmp_path, tiny_model_dir, corpus)
     interrupt = ("import os, signal, exporters.lint as lint; "
                  "signal.signal(signal.SIGINT, signal.default_int_handler); check = lint.check_onnx_file; "
                  "lint.check_onnx_file = lambda path: (os.kill(os.getpid(), signal.SIGINT), check(path))")
-    proc = cli_process("engine", *argv, preamble=interrupt)
+    proc = cli_process("export", *argv, preamble=interrupt)
     stderr = proc.communicate(timeout=300)[1]
     assert proc.returncode == 130, stderr[-500:]
     assert "export: reference.onnx" in stderr
@@ -107,6 +108,6 @@ def test_ctrl_c_during_export_leaves_no_partial_file_and_the_next_run_resumes(tm
     assert not partials(out) and not (out / "stages" / "export.json").exists()
     assert not list(out.glob("*.onnx*"))
     caplog.set_level("INFO")
-    assert run(["engine", *argv]) == 0
+    assert stages(argv) == 0
     assert "calibrate: up to date" in caplog.text and "quantize: up to date" in caplog.text
     assert (out / "quantized.onnx").is_file() and (out / "report.json").is_file()

@@ -7,8 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from calibration.gptq import load_quantized
-from pipeline.cli import run
-from tests.pipeline.test_cli import SMALL, assert_one_line_error, engine, no_artifacts
+from tests.pipeline.test_cli import SMALL, assert_one_line_error, engine, no_artifacts, stages
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +65,6 @@ def test_w8a8_gptq_keeps_smoothquant_and_uses_the_gptq_weights(tmp_path, tiny_mo
 ])
 def test_bad_gptq_options_fail_in_one_line(capsys, tmp_path, tiny_model_dir, corpus, args, fragments):
     out = tmp_path / "out"
-    argv = ["engine", "--out", str(out), *SMALL, "--model", str(tiny_model_dir), "--calib", str(corpus), *args]
-    assert_one_line_error(capsys, run(argv), *fragments)
+    argv = ["--out", str(out), *SMALL, "--model", str(tiny_model_dir), "--calib", str(corpus), *args]
+    assert_one_line_error(capsys, stages(argv), *fragments)
     assert no_artifacts(out)
