@@ -21,6 +21,7 @@ KV_INT8       ?=
 INT8_ATTENTION ?=
 SKIP_FILE     ?=
 CHAT_TEMPLATE ?=
+SAMPLING_DTYPE ?=
 LOW_MEMORY    ?=
 BISECT        ?=
 # serve/triton read an existing OUT; its default is the engine's (build/<model name>).
@@ -29,7 +30,7 @@ ARGS = --model $(MODEL) --calib $(CALIB) --quant $(QUANT) --group-size $(GROUP_S
        --calib-windows $(CALIB_WINDOWS) --eval-windows $(EVAL_WINDOWS) --seq-len $(SEQ_LEN) \
        --max-batch $(MAX_BATCH) --max-input-len $(MAX_INPUT_LEN) --max-seq-len $(MAX_SEQ_LEN) \
        $(if $(filter 1,$(KV_INT8)),--kv-cache-int8) $(if $(filter 1,$(INT8_ATTENTION)),--int8-attention) $(if $(OUT),--out $(OUT)) $(if $(EVAL),--eval $(EVAL)) $(if $(BUDGET),--accuracy-budget $(BUDGET)) \
-       $(if $(SKIP_FILE),--skip-file $(SKIP_FILE)) $(if $(filter 1,$(CHAT_TEMPLATE)),--chat-template) $(if $(filter 1,$(LOW_MEMORY)),--low-memory) \
+       $(if $(SKIP_FILE),--skip-file $(SKIP_FILE)) $(if $(filter 1,$(CHAT_TEMPLATE)),--chat-template) $(if $(SAMPLING_DTYPE),--sampling-dtype $(SAMPLING_DTYPE)) $(if $(filter 1,$(LOW_MEMORY)),--low-memory) \
        $(if $(ROTATE_BLOCK),--rotate-block $(ROTATE_BLOCK))
 
 .PHONY: setup engine calibrate quantize export build verify report serve triton bench test troubleshooting

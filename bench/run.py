@@ -144,20 +144,29 @@ def load_only(model: str) -> dict:
     return timed_process(["-c", code])
 
 
-def synthetic_calibration(args, out: Path) -> dict:
+def synthetic_calibration(args, out: Path) -> list[dict]:
     """The default `make engine`'s calibrate stage (CALIB=synthetic) on one sampling batch: the windows it samples,
     and so its peak (the sampler's weights, their KV cache at full length), do not depend on how many batches run.
-    The WikiText pipeline above never samples."""
+    In the dtype this CPU samples in by default, and in float32, what CPUs without native bfloat16 sample in. The
+    WikiText pipeline above never samples."""
+    import torch
+
     from calibration.data import SAMPLING_BATCH, sampling_dtype
 
-    dtype = sampling_dtype()
-    samples = SAMPLING_BATCH[dtype]
-    holdout = evaluation = samples // 4  # 4 and 4 of 16 (the default holdout), 2 and 2 of 8
-    shutil.rmtree(out, ignore_errors=True)
-    measured = timed_process(["-m", "pipeline", "calibrate", "--model", args.model, "--out", str(out), "--calib",
-                              "synthetic", "--calib-windows", str(samples - holdout - evaluation), "--holdout-windows",
-                              str(holdout), "--eval-windows", str(evaluation), "--seq-len", str(args.seq_len)])
-    return {**measured, "samples": samples, "sampling_dtype": str(dtype).removeprefix("torch.")}
+    default = sampling_dtype()
+    rows = []
+    for dtype in dict.fromkeys((default, torch.float32)):
+        name = str(dtype).removeprefix("torch.")
+        samples = SAMPLING_BATCH[dtype]
+        holdout = evaluation = samples // 4  # 4 and 4 of 16 (the default holdout), 2 and 2 of 8
+        shutil.rmtree(out / name, ignore_errors=True)
+        print(f"bench: the default calibration (synthetic), one sampling batch in {name}", flush=True)
+        measured = timed_process(["-m", "pipeline", "calibrate", "--model", args.model, "--out", str(out / name),
+                                  "--calib", "synthetic", "--sampling-dtype", name, "--calib-windows",
+                                  str(samples - holdout - evaluation), "--holdout-windows", str(holdout),
+                                  "--eval-windows", str(evaluation), "--seq-len", str(args.seq_len)])
+        rows.append({**measured, "samples": samples, "sampling_dtype": name, "default": dtype == default})
+    return rows
 
 
 def forward_costs(args, out: Path) -> dict:
@@ -237,7 +246,6 @@ def main(argv: list[str] | None = None) -> dict:
               "low_memory": low_memory_stages(args, root / f"{recipes[0]}-low-memory", recipes[0], main_out),
               "memory_estimates": memory_estimates(args, recipes[0]),
               "runtime_floor": timed_process(["-c", "import pipeline.stages"])}
-    print("bench: the default calibration (synthetic), one sampling batch", flush=True)
     result["synthetic_calibration"] = synthetic_calibration(args, root / "synthetic")
     print("bench: plain forwards, statistics and ONNX Runtime evaluation", flush=True)
     result["costs"] = forward_costs(args, main_out)

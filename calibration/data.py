@@ -98,12 +98,15 @@ def take_windows(windows: np.ndarray, n: int, source: str, role: str) -> np.ndar
     return windows[:n]
 
 
-def sampling_dtype() -> torch.dtype:
-    """What synthetic text is sampled in: bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX; torch's
-    private checks, torch is pinned), float32 elsewhere, where bfloat16 GEMMs are emulated. SmolLM2 on an AMX Xeon,
+def sampling_dtype(requested: str = "auto") -> torch.dtype:
+    """What synthetic text is sampled in: the `requested` dtype's name, or for "auto" bfloat16 where the CPU multiplies
+    it natively (AVX512-BF16 or AMX; torch's private checks, torch is pinned), float32 elsewhere, where bfloat16
+    GEMMs are emulated. SmolLM2 on an AMX Xeon,
     16 windows of 512 tokens at once: 57 s in bfloat16, 75 s in float32, and half the weights and KV cache
     (SAMPLING_BATCH). The text is still the model's: its perplexity under the FP32 model differs between sample sets
     as much as between the two dtypes (docs/RESULTS.md)."""
+    if requested != "auto":
+        return getattr(torch, requested)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.bfloat16 if native else torch.float32
 

@@ -16,8 +16,8 @@ from calibration import CalibrationError
 from exporters import ExportError
 from pipeline import PipelineError
 from pipeline.accuracy_target import Target
-from pipeline.config import (RANGE_ESTIMATORS, SCHEMES, WEIGHT_CLIPS, BuildConfig, CalibrationConfig, ExportConfig,
-                             QuantConfig, RunConfig)
+from pipeline.config import (RANGE_ESTIMATORS, SAMPLING_DTYPES, SCHEMES, WEIGHT_CLIPS, BuildConfig, CalibrationConfig,
+                             ExportConfig, QuantConfig, RunConfig)
 from trt_builder import BuildError
 
 USER_ERRORS = (PipelineError, CalibrationError, ExportError, BuildError)
@@ -55,6 +55,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", action="store_true",
                    help="render each calibration record (jsonl 'messages' or 'text', a .txt paragraph) with the "
                         "model's chat template before tokenizing")
+    p.add_argument("--sampling-dtype", default=d_cal.sampling_dtype, choices=SAMPLING_DTYPES,
+                   help="CALIB=synthetic: the dtype text is sampled in (auto: bfloat16 where the CPU has it natively, "
+                        "else float32)")
     p.add_argument("--eval", default=None, help="evaluation text (default: held-out windows of the calibration source)")
     p.add_argument("--calib-windows", type=int, default=d_cal.windows)
     p.add_argument("--eval-windows", type=int, default=d_cal.eval_windows)
@@ -211,7 +214,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         out=out,
         calibration=CalibrationConfig(args.calib, args.eval, args.calib_windows, args.holdout_windows,
                                       args.eval_windows, args.seq_len, args.seed, args.batch_size,
-                                      args.chat_template),
+                                      args.chat_template, args.sampling_dtype),
         quant=QuantConfig(args.alpha, not args.no_smooth, tuple(args.include), skip_globs(args),
                           args.range_estimator, args.percentile, accuracy_budget=args.accuracy_budget,
                           scheme=args.quant, group_size=args.group_size, damp=args.damp,

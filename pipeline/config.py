@@ -11,6 +11,8 @@ from calibration.sources import SYNTHETIC
 from pipeline import PipelineError
 from pipeline.accuracy_target import Target
 
+SAMPLING_DTYPES = ("auto", "bfloat16", "float32")  # synthetic calibration's sampler (calibration.data.SAMPLING_BATCH)
+
 EXTERNAL_DATA_BYTES = 64 << 20
 
 
@@ -25,6 +27,7 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 4
     chat_template: bool = False  # render the calibration records with the model's chat template
+    sampling_dtype: str = "auto"  # CALIB=synthetic: "auto" (calibration.data.sampling_dtype) or a torch dtype name
 
     def __post_init__(self):
         for name in ("windows", "holdout_windows", "eval_windows", "seq_len", "batch_size"):
@@ -33,6 +36,12 @@ class CalibrationConfig:
         if self.chat_template and self.source == SYNTHETIC:
             raise PipelineError("--chat-template renders a calibration file or dataset, and CALIB is synthetic: pass "
                                 "CALIB=<.txt | .jsonl | hf:dataset> or drop --chat-template")
+        if self.sampling_dtype not in SAMPLING_DTYPES:
+            raise PipelineError(f"unknown --sampling-dtype '{self.sampling_dtype}': use one of "
+                                f"{', '.join(SAMPLING_DTYPES)}")
+        if self.sampling_dtype != "auto" and self.source != SYNTHETIC:
+            raise PipelineError(f"--sampling-dtype {self.sampling_dtype} applies to CALIB=synthetic, and CALIB is "
+                                f"{self.source}: drop --sampling-dtype")
 
 
 @dataclass(frozen=True)

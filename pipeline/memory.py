@@ -122,7 +122,8 @@ def estimate_peaks(shape: ModelShape, config: RunConfig) -> dict[str, float]:
     if cal.source == SYNTHETIC:  # sampled before the statistics' FP32 model loads
         from calibration.data import sampling_dtype  # torch: not at import (verify's graph process has none)
 
-        peaks["calibrate"] = max(peaks["calibrate"], sampling_bytes(shape, cal.seq_len, sampling_dtype()))
+        sampler = sampling_dtype(cal.sampling_dtype)
+        peaks["calibrate"] = max(peaks["calibrate"], sampling_bytes(shape, cal.seq_len, sampler))
     if config.low_memory:
         # The hidden states wait on disk; in memory: one batch of them, the search's windows, and with GPTQ its
         # layer's inputs, quantized and float, as batch lists.

@@ -56,7 +56,9 @@ log = logging.getLogger(__name__)
 
 def calibrate(run: Run) -> None:
     cfg = run.config.calibration
-    key = digest("calibrate", run.fingerprint(), cfg)
+    # The sampler's dtype, not "auto": sampled on another CPU, synthetic windows are other windows.
+    sampler = str(sampling_dtype(cfg.sampling_dtype)) if cfg.source == SYNTHETIC else None
+    key = digest("calibrate", run.fingerprint(), cfg, sampler)
     if up_to_date(run, "calibrate", key):
         return
     windows = _windows(run)
@@ -89,7 +91,7 @@ def _windows(run: Run):
     """The calibration, holdout and evaluation windows. Synthetic ones are sampled from a model loaded for that alone,
     in sampling_dtype(), and freed before the FP32 model of the statistics loads."""
     cfg = run.config.calibration
-    sampler, tokenizer, _ = (models.load(run.source, sampling_dtype()) if cfg.source == SYNTHETIC
+    sampler, tokenizer, _ = (models.load(run.source, sampling_dtype(cfg.sampling_dtype)) if cfg.source == SYNTHETIC
                              else (None, models.load_tokenizer(run.source), None))
     windows = build_windows(sampler, tokenizer, cfg.source, cfg.eval_source, cfg.windows, cfg.holdout_windows,
                             cfg.eval_windows, cfg.seq_len, cfg.seed, cfg.chat_template)

@@ -44,6 +44,9 @@ ENTRIES = (
            "template", "--chat-template renders a calibration file or dataset"),
           "add `--chat-template` (`CHAT_TEMPLATE=1`) with a file or dataset, or drop it for a model without a "
           "template"),
+    Entry(("--sampling-dtype ... applies to CALIB=synthetic", "unknown --sampling-dtype '...'"),
+          "drop `--sampling-dtype` with a calibration file or dataset; with `synthetic`, use auto, bfloat16 or "
+          "float32"),
     Entry(("CALIB=hf:... needs the datasets package",), "`pip install 'smoothtrt[datasets]'`"),
     Entry(("cannot load Hugging Face dataset 'hf:...'",),
           "check `hf:<name>[:<config>[:<split>]]`; offline, download it once while online (the datasets cache is "

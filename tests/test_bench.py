@@ -38,18 +38,23 @@ def test_bench_smoke_run_on_a_tiny_model(tmp_path, tiny_model_dir, corpus, monke
             assert [s["samples"] for s in shapes.values()] == [1, 1, 32]
             assert all(0 < s["best_ms"] <= s["median_ms"] for s in shapes.values())
     measured = [t for t in r["targets"] if t["measured"] is not None]
-    assert len(measured) == 15 and all(t["met"] in (True, False) for t in measured)
+    assert len(measured) == 14 + len(r["synthetic_calibration"]) and all(t["met"] in (True, False) for t in measured)
     assert sum("1 thread" in t["target"] for t in measured) == 4
     low = r["low_memory"]  # the layer-by-layer stages saved what the in-memory ones saved
     assert low["statistics_identical"] and set(low["stages"]) == {"calibrate", "quantize"}
     assert low["plan_entries_differing"] == 0 and low["weight_codes_differing"] == 0 and low["weight_codes"] > 0
     assert r["memory_estimates"]["low_memory"]["calibrate"] < r["memory_estimates"]["in_memory"]["calibrate"]
-    synthetic = r["synthetic_calibration"]  # the default calibration: one whole sampling batch
-    windows = np.load(tmp_path / "out" / "synthetic" / "windows.npz")
-    batch = SAMPLING_BATCH[getattr(torch, synthetic["sampling_dtype"])]
-    assert sum(len(windows[part]) for part in ("calibration", "holdout", "evaluation")) == synthetic["samples"] == batch
-    origin = json.loads((tmp_path / "out" / "synthetic" / "manifest.json").read_text())["stages"]["calibrate"]
-    assert f"in {synthetic['sampling_dtype']}," in origin["calibration_origin"] and synthetic["peak_rss_bytes"] > 100e6
+    # the default calibration, one whole sampling batch: in this CPU's dtype and in float32 (the same run without
+    # native bfloat16)
+    sampled = {s["sampling_dtype"]: s for s in r["synthetic_calibration"]}
+    assert "float32" in sampled and [s["default"] for s in sampled.values()].count(True) == 1
+    for name, synthetic in sampled.items():
+        out = tmp_path / "out" / "synthetic" / name
+        windows = np.load(out / "windows.npz")
+        sampled_windows = sum(len(windows[part]) for part in ("calibration", "holdout", "evaluation"))
+        assert sampled_windows == synthetic["samples"] == SAMPLING_BATCH[getattr(torch, name)]
+        origin = json.loads((out / "manifest.json").read_text())["stages"]["calibrate"]
+        assert f"in {name}," in origin["calibration_origin"] and synthetic["peak_rss_bytes"] > 100e6
     assert r["report"]["seconds"] > 0 and (tmp_path / "out" / "w8a8" / "report.html").is_file()
     assert "| target | measured | limit | met |" in (results / "bench.md").read_text()
     assert f"Machine: {r['machine']['cpu']}, " in (results / "bench.md").read_text()

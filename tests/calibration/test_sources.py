@@ -99,3 +99,11 @@ def test_the_chat_template_needs_a_text_source():
     with pytest.raises(PipelineError, match="--chat-template renders a calibration file or dataset, and CALIB is "
                                             "synthetic"):
         CalibrationConfig(chat_template=True)
+
+
+def test_an_unknown_sampling_dtype_is_refused_with_the_choices():
+    from pipeline import PipelineError
+    from pipeline.config import CalibrationConfig
+
+    with pytest.raises(PipelineError, match="unknown --sampling-dtype 'float16': use one of auto, bfloat16, float32"):
+        CalibrationConfig(sampling_dtype="float16")

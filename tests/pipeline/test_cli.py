@@ -154,6 +154,7 @@ def no_artifacts(out):
     (["--seq-len", "4096"], ["windows", "longer text"]),
     (["--skip", "*.no_such_proj"], ["--skip pattern", "matches no quantizable module"]),
     (["--calib", "missing.txt"], ["does not exist"]),
+    (["--sampling-dtype", "float32"], ["--sampling-dtype float32 applies to CALIB=synthetic", "drop --sampling-dtype"]),
     (["--low-memory", "--calib", "synthetic"], ["--low-memory", "synthetic samples text from the whole model"]),
     (["--low-memory", "--accuracy-budget", "1"], ["--low-memory", "--accuracy-budget scores the whole model"]),
     (["--low-memory", "--skip", "*.no_such_proj"], ["--skip pattern", "matches no quantizable module"]),

@@ -35,3 +35,20 @@ def test_synthetic_text_is_sampled_in_the_sampling_dtype_and_calibrated_in_fp32(
     if sampling_dtype() != torch.float32:  # the two models' statistics differ: the check above can tell them apart
         rounded = collect_input_absmax(sampler, quantizable_linears(sampler, spec), saved["calibration"], BATCH)
         assert not all(torch.equal(rounded[n].float(), expected[n]) for n in expected)
+
+
+def test_a_fixed_sampling_dtype_is_sampled_in_on_any_cpu_and_keys_the_stage(tiny_model_dir, tmp_path, caplog):
+    """--sampling-dtype float32 samples what a float32 sampler samples, whatever this CPU's default; the same OUT
+    under "auto" is calibrated again where auto means another dtype, and is up to date where it means float32."""
+    argv = ["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--calib", "synthetic",
+            "--calib-windows", str(CALIB), "--eval-windows", str(EVAL), "--seq-len", str(SEQ_LEN),
+            "--batch-size", str(BATCH)]
+    assert run([*argv, "--sampling-dtype", "float32"]) == 0
+    sampler, tokenizer, _ = models.load(models.resolve(str(tiny_model_dir)), torch.float32)
+    sampled = build_windows(sampler, tokenizer, "synthetic", None, CALIB, HOLDOUT, EVAL, SEQ_LEN, seed=0)
+    assert np.array_equal(np.load(tmp_path / "windows.npz")["calibration"], sampled.calibration)
+    origin = json.loads((tmp_path / "manifest.json").read_text())["stages"]["calibrate"]["calibration_origin"]
+    assert "sampled from the model in float32," in origin
+    caplog.set_level("INFO")
+    assert run(argv) == 0
+    assert ("calibrate: up to date" in caplog.text) == (sampling_dtype() == torch.float32)
