@@ -230,8 +230,8 @@ def config_from(args: argparse.Namespace) -> RunConfig:
 def stage_processes(argv: list[str]) -> int:
     """`engine`: each stage as `python -m pipeline <stage>` with the same options, as `make engine` runs them, until
     one fails (it printed its error; its exit code is returned). In one process the stages' memory added up: the
-    process held 0.66 GB of torch and freed heap when verify began, and SmolLM2 W8A8 peaked at 1.72 GB against 1.25
-    GB stage by stage (issue 7's limit: 1.35 GB). This process imports neither torch nor the model (17 MB).
+    process held 0.70 GB of torch and freed heap when verify began, and SmolLM2 W8A8 peaked at 1.80 GB, against 1.28
+    GB with a process per stage (issue 7's limit: 1.35 GB). This process imports neither torch nor the model (17 MB).
     Ctrl-C reaches the running stage through the terminal's process group, and the stage ends as it does alone
     (code 130, completed stages kept); this process ignores it, and each stage starts with SIGINT as it found it
     (a child would inherit the ignoring)."""
