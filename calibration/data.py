@@ -21,7 +21,7 @@ from calibration.sources import SYNTHETIC, is_dataset, source_text
 # Windows sampled at once, by sampling dtype: as many as keep the calibrate stage within 2.5x the FP32 weights (issue
 # 7's limit). SmolLM2, 512 tokens, peak RSS of the sampler / seconds per window: bfloat16, 16 at once: 1,224 MB (the
 # loading: the FP32 checkpoint beside the bfloat16 copy) / 3.6 s. float32, 16 at once: 1,469 MB / 4.7 s; 12: 1,310 MB
-# / 6.0 s; 10: 1,269 MB / 6.6 s; 8: 1,192 MB / 6.8 s, against a 1,348 MB limit (docs/RESULTS.md). Each sequence's KV
+# / 6.0 s; 10: 1,269 MB / 6.6 s; 8: 1,192 MB / 6.8 s, against a 1,345 MB limit (docs/RESULTS.md). Each sequence's KV
 # cache costs 1.2-1.6x its size: the cache grows by concatenation, and glibc's heap keeps the blocks it frees.
 SAMPLING_BATCH = {torch.bfloat16: 16, torch.float32: 8}
 
@@ -101,10 +101,9 @@ def take_windows(windows: np.ndarray, n: int, source: str, role: str) -> np.ndar
 def sampling_dtype(requested: str = "auto") -> torch.dtype:
     """What synthetic text is sampled in: the `requested` dtype's name, or for "auto" bfloat16 where the CPU multiplies
     it natively (AVX512-BF16 or AMX; torch's private checks, torch is pinned), float32 elsewhere, where bfloat16
-    GEMMs are emulated. SmolLM2 on an AMX Xeon,
-    16 windows of 512 tokens at once: 57 s in bfloat16, 75 s in float32, and half the weights and KV cache
-    (SAMPLING_BATCH). The text is still the model's: its perplexity under the FP32 model differs between sample sets
-    as much as between the two dtypes (docs/RESULTS.md)."""
+    GEMMs are emulated. SmolLM2 on an AMX Xeon, 16 windows of 512 tokens at once: 57 s in bfloat16, 75 s in
+    float32, and half the weights and KV cache (SAMPLING_BATCH). The text is still the model's: its perplexity under
+    the FP32 model differs between sample sets as much as between the two dtypes (docs/RESULTS.md)."""
     if requested != "auto":
         return getattr(torch, requested)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
