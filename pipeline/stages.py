@@ -57,11 +57,11 @@ log = logging.getLogger(__name__)
 def calibrate(run: Run) -> None:
     cfg = run.config.calibration
     # The sampler's dtype, not "auto": sampled on another CPU, synthetic windows are other windows.
-    sampler = str(sampling_dtype(cfg.sampling_dtype)) if cfg.source == SYNTHETIC else None
-    key = digest("calibrate", run.fingerprint(), cfg, sampler)
+    sampler = sampling_dtype(cfg.sampling_dtype) if cfg.source == SYNTHETIC else None
+    key = digest("calibrate", run.fingerprint(), cfg, str(sampler) if sampler is not None else None)
     if up_to_date(run, "calibrate", key):
         return
-    windows = _windows(run)
+    windows = _windows(run, sampler)
     data_check = check_windows(windows.calibration, windows.holdout, windows.evaluation,
                                models.model_config(run.source).vocab_size)
     for warning in data_check.warnings:
@@ -87,11 +87,11 @@ def calibrate(run: Run) -> None:
              data_check.distinct_tokens, 100 * data_check.vocabulary_coverage, data_check.duplicate_windows)
 
 
-def _windows(run: Run):
-    """The calibration, holdout and evaluation windows. Synthetic ones are sampled from a model loaded for that alone,
-    in sampling_dtype(), and freed before the FP32 model of the statistics loads."""
+def _windows(run: Run, sampler_dtype: torch.dtype | None):
+    """The calibration, holdout and evaluation windows. Synthetic ones (`sampler_dtype` given) are sampled from a
+    model loaded in that dtype for that alone, and freed before the FP32 model of the statistics loads."""
     cfg = run.config.calibration
-    sampler, tokenizer, _ = (models.load(run.source, sampling_dtype(cfg.sampling_dtype)) if cfg.source == SYNTHETIC
+    sampler, tokenizer, _ = (models.load(run.source, sampler_dtype) if sampler_dtype is not None
                              else (None, models.load_tokenizer(run.source), None))
     windows = build_windows(sampler, tokenizer, cfg.source, cfg.eval_source, cfg.windows, cfg.holdout_windows,
                             cfg.eval_windows, cfg.seq_len, cfg.seed, cfg.chat_template)
